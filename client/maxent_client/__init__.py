@@ -1,0 +1,69 @@
+"""A thin, typed Python client for the MaxEnt-GRPO reward-and-weighting service.
+
+    from maxent_client import MaxEntClient, WeightingConfig
+    with MaxEntClient("127.0.0.1:50051") as client:
+        client.create_run("exp-1", WeightingConfig(tau=0.5, beta=0.04))
+        stats = client.compute_reward_statistics(utilities=[[1.0, 0.0], [0.5, 0.5]])
+        weights = client.compute_weight_stats("exp-1", q_values=stats.q_values, ...)
+
+Needs only grpcio, protobuf and numpy. The generated stubs live in
+maxent_client._generated for callers who want the raw messages.
+"""
+
+from .client import MaxEntClient
+from .errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FieldViolation,
+    InvalidArgumentError,
+    MaxEntError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    RewardFailedError,
+    UnauthenticatedError,
+    UnavailableError,
+    VersionConflictError,
+)
+from .models import (
+    ControllerState,
+    Denominator,
+    FailurePolicy,
+    RewardFunctionInfo,
+    RewardStatistics,
+    RewardTerm,
+    RewardValues,
+    Run,
+    SeedGrpo,
+    UpdateResult,
+    WeightingConfig,
+    WeightStats,
+)
+
+__all__ = [
+    "AlreadyExistsError",
+    "ControllerState",
+    "DeadlineExceededError",
+    "Denominator",
+    "FailurePolicy",
+    "FieldViolation",
+    "InvalidArgumentError",
+    "MaxEntClient",
+    "MaxEntError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "RewardFailedError",
+    "RewardFunctionInfo",
+    "RewardStatistics",
+    "RewardTerm",
+    "RewardValues",
+    "Run",
+    "SeedGrpo",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UpdateResult",
+    "VersionConflictError",
+    "WeightingConfig",
+    "WeightStats",
+]

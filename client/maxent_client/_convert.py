@@ -1,0 +1,121 @@
+"""Conversions between the client's dataclasses/arrays and protobuf messages."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._generated.maxent.v1 import maxent_pb2 as pb
+from .models import ControllerState, Denominator, Run, WeightingConfig
+
+_OPTIONAL_CONFIG = {"length_normalize_ref", "q_temperature", "q_epsilon", "scale_rewards", "target_entropy",
+                    "target_entropy_start", "target_entropy_final"}
+
+
+def config_to_proto(config: WeightingConfig) -> pb.WeightingConfig:
+    msg = pb.WeightingConfig()
+    for name in WeightingConfig.field_names():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        setattr(msg, name, value.value if isinstance(value, Denominator) else value)
+    return msg
+
+
+def config_from_proto(msg: pb.WeightingConfig) -> WeightingConfig:
+    values = {}
+    for name in WeightingConfig.field_names():
+        if name in _OPTIONAL_CONFIG:
+            values[name] = getattr(msg, name) if msg.HasField(name) else None
+        elif name == "denominator":
+            values[name] = Denominator(msg.denominator) if msg.denominator else Denominator.TAU_PLUS_BETA
+        else:
+            values[name] = getattr(msg, name)
+    return WeightingConfig(**values)
+
+
+def _opt(msg, name: str):
+    return getattr(msg, name) if msg.HasField(name) else None
+
+
+def _time(stamp) -> dt.datetime:
+    return stamp.ToDatetime(tzinfo=dt.timezone.utc)
+
+
+def state_from_proto(msg: pb.ControllerState) -> ControllerState:
+    return ControllerState(
+        run_id=msg.run_id,
+        tau=msg.tau,
+        beta=msg.beta,
+        tau_log=msg.tau_log,
+        entropy_ema=_opt(msg, "entropy_ema"),
+        global_step=msg.global_step,
+        version=msg.version,
+        active_target_entropy=_opt(msg, "active_target_entropy"),
+        update_time=_time(msg.update_time),
+        last_weight_entropy=_opt(msg, "last_weight_entropy"),
+        last_measured_kl=_opt(msg, "last_measured_kl"),
+    )
+
+
+def run_from_proto(msg: pb.Run) -> Run:
+    return Run(
+        run_id=msg.run_id,
+        config=config_from_proto(msg.config),
+        state=state_from_proto(msg.state),
+        create_time=_time(msg.create_time),
+    )
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _is_group(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray)) or _is_tensor(value)
+
+
+def nested_sizes(values: Any) -> list[int] | None:
+    """Group sizes when `values` is nested per group (a list of sequences or a
+    2-D array/tensor), else None."""
+    if _is_tensor(values):
+        values = values.detach().cpu().numpy()
+    if isinstance(values, np.ndarray):
+        return [values.shape[1]] * values.shape[0] if values.ndim == 2 else None
+    if len(values) and all(_is_group(g) for g in values):
+        return [len(g) for g in values]
+    return None
+
+
+def flat(values: Any, dtype: Any) -> np.ndarray:
+    """One flat array from a list, nested lists, numpy array or torch tensor."""
+    if _is_tensor(values):
+        values = values.detach().cpu().numpy()
+    if isinstance(values, np.ndarray):
+        return values.astype(dtype, copy=False).reshape(-1)
+    values = list(values)
+    if values and all(_is_group(g) for g in values):
+        return np.concatenate([flat(g, dtype) for g in values])
+    return np.asarray(values, dtype=dtype)
+
+
+def floats(values: Any) -> list[float]:
+    return flat(values, np.float64).tolist()
+
+
+def ints(values: Any) -> list[int]:
+    return flat(values, np.int64).tolist()
+
+
+def bools(values: Any) -> list[bool]:
+    return flat(values, np.bool_).tolist()
+
+
+def strings(values: Any) -> list[str]:
+    return [str(x) for x in flat(values, object).tolist()]
+
+
+def array(field: Sequence, dtype: Any = np.float64) -> np.ndarray:
+    return np.fromiter(field, dtype=dtype, count=len(field))

@@ -1,0 +1,174 @@
+"""Plain dataclasses for everything the service takes and returns."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+
+class Denominator(enum.Enum):
+    """Denominator D of the weight softmax."""
+
+    TAU_PLUS_BETA = 1  # the exact maximiser (default)
+    TAU = 2  # seed-compatible
+
+
+class FailurePolicy(enum.Enum):
+    """What a failed reward evaluation does to its completion."""
+
+    EXCLUDE = 1
+    ZERO = 2
+    ERROR = 3
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    """A run's configuration. None means the server's documented default."""
+
+    tau: float = 0.0
+    beta: float = 0.0
+    denominator: Denominator = Denominator.TAU_PLUS_BETA
+    length_normalize_ref: bool | None = None
+    q_temperature: float | None = None
+    q_epsilon: float | None = None
+    scale_rewards: bool | None = None
+    train_grpo_objective: bool = False
+    target_entropy: float | None = None
+    target_entropy_start: float | None = None
+    target_entropy_final: float | None = None
+    target_entropy_horizon: int = 0
+    tau_lr: float = 0.0
+    tau_min: float = 0.0
+    tau_max: float = 0.0
+    tau_warmup_steps: int = 0
+    kl_target: float = 0.0
+    kl_horizon: int = 0
+    kl_step_size: float = 0.0
+    meta_enabled: bool = False
+    meta_tau_lr: float = 0.0
+    meta_beta_lr: float = 0.0
+    meta_beta_grad_clip: float = 0.0
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """A run's controller after its last accepted update."""
+
+    run_id: str
+    tau: float
+    beta: float
+    tau_log: float
+    entropy_ema: float | None
+    global_step: int
+    version: int
+    active_target_entropy: float | None
+    update_time: _dt.datetime
+    last_weight_entropy: float | None = None
+    last_measured_kl: float | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    config: WeightingConfig
+    state: ControllerState
+    create_time: _dt.datetime
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """State after an update; `replayed` when the request_id was applied before."""
+
+    state: ControllerState
+    replayed: bool
+    request_id: str
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    """A reward function, its weight in the utility sum, and its parameters."""
+
+    name: str
+    weight: float = 1.0
+    params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SeedGrpo:
+    """SEED-GRPO semantic-entropy scaling options (None = server default)."""
+
+    alpha: float | None = None
+    normalize_by_max_entropy: bool | None = None
+    length_normalize_logprobs: bool | None = None
+    num_generations: int | None = None
+
+
+@dataclass(frozen=True)
+class RewardValues:
+    name: str
+    values: np.ndarray
+    failed: np.ndarray
+    failure_count: int
+    timeout_count: int
+
+
+def _split(array: np.ndarray, group_sizes: np.ndarray) -> list[np.ndarray]:
+    return np.split(array, np.cumsum(group_sizes)[:-1]) if len(group_sizes) else []
+
+
+@dataclass(frozen=True)
+class RewardStatistics:
+    """Result of compute_reward_statistics; arrays are flat in group order."""
+
+    group_sizes: np.ndarray
+    total_utils: np.ndarray
+    advantages: np.ndarray
+    q_values: np.ndarray
+    reward_mean: float
+    reward_std: float
+    per_reward: dict[str, RewardValues]
+    failed: np.ndarray
+    seed_semantic_entropies: np.ndarray
+    seed_advantage_scales: np.ndarray
+
+    def grouped(self) -> dict[str, list[np.ndarray]]:
+        """Per-completion arrays split into one array per group."""
+        return {
+            name: _split(getattr(self, name), self.group_sizes)
+            for name in ("total_utils", "advantages", "q_values")
+        }
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    """Result of compute_weight_stats; arrays are flat in group order."""
+
+    group_sizes: np.ndarray
+    weights: np.ndarray
+    weight_entropy: float
+    weight_entropy_min: float
+    weight_entropy_max: float
+    advantage_entropy: np.ndarray
+    group_weight_entropies: np.ndarray
+    tau: float
+    beta: float
+    controller_version: int
+
+    def grouped(self) -> dict[str, list[np.ndarray]]:
+        """Per-completion arrays split into one array per group."""
+        return {name: _split(getattr(self, name), self.group_sizes) for name in ("weights", "advantage_entropy")}
+
+
+@dataclass(frozen=True)
+class RewardFunctionInfo:
+    name: str
+    description: str
+    parameters: list[dict]
+    source: str

@@ -1,0 +1,112 @@
+"""Conversions between protobuf messages and engine/store values."""
+
+from __future__ import annotations
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
+
+from .engine import ControllerState, Denominator, RunConfig
+from .store import RunRecord
+
+_DENOMINATORS = {
+    pb.WEIGHT_DENOMINATOR_UNSPECIFIED: Denominator.TAU_PLUS_BETA,
+    pb.WEIGHT_DENOMINATOR_TAU_PLUS_BETA: Denominator.TAU_PLUS_BETA,
+    pb.WEIGHT_DENOMINATOR_TAU: Denominator.TAU,
+}
+_DENOMINATOR_ENUMS = {
+    Denominator.TAU_PLUS_BETA: pb.WEIGHT_DENOMINATOR_TAU_PLUS_BETA,
+    Denominator.TAU: pb.WEIGHT_DENOMINATOR_TAU,
+}
+
+
+def known_denominator(value: int) -> bool:
+    return value in _DENOMINATORS
+
+
+def _opt(message, name: str, default=None):
+    return getattr(message, name) if message.HasField(name) else default
+
+
+def config_from_proto(msg: pb.WeightingConfig) -> RunConfig:
+    """A RunConfig with the documented defaults for unset optional fields."""
+    return RunConfig(
+        tau=msg.tau,
+        beta=msg.beta,
+        denominator=_DENOMINATORS[msg.denominator],
+        length_normalize_ref=_opt(msg, "length_normalize_ref", True),
+        q_temperature=_opt(msg, "q_temperature", 1.0),
+        q_epsilon=_opt(msg, "q_epsilon", 1e-6),
+        scale_rewards=_opt(msg, "scale_rewards", True),
+        train_grpo_objective=msg.train_grpo_objective,
+        target_entropy=_opt(msg, "target_entropy"),
+        target_entropy_start=_opt(msg, "target_entropy_start"),
+        target_entropy_final=_opt(msg, "target_entropy_final"),
+        target_entropy_horizon=msg.target_entropy_horizon,
+        tau_lr=msg.tau_lr,
+        tau_min=msg.tau_min,
+        tau_max=msg.tau_max,
+        tau_warmup_steps=msg.tau_warmup_steps,
+        kl_target=msg.kl_target,
+        kl_horizon=msg.kl_horizon,
+        kl_step_size=msg.kl_step_size,
+        meta_enabled=msg.meta_enabled,
+        meta_tau_lr=msg.meta_tau_lr,
+        meta_beta_lr=msg.meta_beta_lr,
+        meta_beta_grad_clip=msg.meta_beta_grad_clip,
+    )
+
+
+def config_to_proto(config: RunConfig) -> pb.WeightingConfig:
+    """The config with every default written out explicitly."""
+    fields = config.to_dict()
+    fields["denominator"] = _DENOMINATOR_ENUMS[config.denominator]
+    return pb.WeightingConfig(**{k: v for k, v in fields.items() if v is not None})
+
+
+def timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(round(seconds * 1e9)))
+    return stamp
+
+
+def state_to_proto(run_id: str, state: ControllerState) -> pb.ControllerState:
+    msg = pb.ControllerState(
+        run_id=run_id,
+        tau=state.tau,
+        beta=state.beta,
+        tau_log=state.tau_log,
+        global_step=state.global_step,
+        version=state.version,
+        update_time=timestamp(state.update_time),
+    )
+    for name in ("entropy_ema", "active_target_entropy", "last_weight_entropy", "last_measured_kl"):
+        value = getattr(state, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def run_to_proto(record: RunRecord) -> pb.Run:
+    return pb.Run(
+        run_id=record.run_id,
+        config=config_to_proto(record.config),
+        state=state_to_proto(record.run_id, record.state),
+        create_time=timestamp(record.create_time),
+    )
+
+
+def floats(field) -> np.ndarray:
+    """A repeated double field as a float64 array."""
+    return np.fromiter(field, dtype=np.float64, count=len(field))
+
+
+def ints(field) -> np.ndarray:
+    """A repeated int64 field as an int64 array."""
+    return np.fromiter(field, dtype=np.int64, count=len(field))
+
+
+def bools(field) -> np.ndarray:
+    """A repeated bool field as a bool array."""
+    return np.fromiter(field, dtype=np.bool_, count=len(field))

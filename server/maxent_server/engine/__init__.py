@@ -1,0 +1,21 @@
+"""The MaxEnt-GRPO math: no gRPC, no storage; torch over whole ragged batches."""
+
+from .controller import ControllerState, ControllerUpdate, Denominator, RunConfig, apply_update
+from .core import Engine, RewardOptions, RewardStatistics, WeightOptions, WeightStats, combine_rewards, resolve_device
+from .statistics import SeedGrpoSettings
+
+__all__ = [
+    "ControllerState",
+    "ControllerUpdate",
+    "Denominator",
+    "Engine",
+    "RewardOptions",
+    "RewardStatistics",
+    "RunConfig",
+    "SeedGrpoSettings",
+    "WeightOptions",
+    "WeightStats",
+    "apply_update",
+    "combine_rewards",
+    "resolve_device",
+]

@@ -1,0 +1,181 @@
+"""The engine facade: numpy arrays in, numpy arrays out, torch in between.
+
+No gRPC here; the servicer converts messages to these calls and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .controller import Denominator
+from .segments import Segments
+from .statistics import SeedGrpoSettings, group_advantages, listwise_q, reward_moments, seed_advantage_scales
+from .weights import entropy_summary, maxent_weights, zero_entropy_summary
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else the CPU; anything else is taken as is."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class RewardOptions:
+    q_temperature: float = 1.0
+    q_epsilon: float = 1e-6
+    scale_rewards: bool = True
+    zero_truncated_completion_rewards: bool = False
+    max_completion_len: int | None = None
+    seed_grpo: SeedGrpoSettings | None = None
+
+
+@dataclass(frozen=True)
+class RewardStatistics:
+    total_utils: np.ndarray
+    advantages: np.ndarray
+    q_values: np.ndarray
+    reward_mean: float
+    reward_std: float
+    seed_semantic_entropies: np.ndarray | None = None
+    seed_advantage_scales: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class WeightOptions:
+    tau: float
+    beta: float
+    denominator: Denominator = Denominator.TAU_PLUS_BETA
+    length_normalize_ref: bool = True
+    train_grpo_objective: bool = False
+    include_reference_term: bool = True
+    normalize_by_tokens: bool = False
+
+    @property
+    def denominator_value(self) -> float:
+        return self.tau + self.beta if self.denominator is Denominator.TAU_PLUS_BETA else self.tau
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    weights: np.ndarray
+    group_entropies: np.ndarray
+    weight_entropy: float
+    weight_entropy_min: float
+    weight_entropy_max: float
+    advantage_entropy: np.ndarray
+
+
+def combine_rewards(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """u_i = sum_r w_r * r(i) with NaN terms skipped; values is [R, N]."""
+    if values.shape[0] == 0:
+        return np.zeros(values.shape[1], dtype=np.float64)
+    return np.nansum(values * weights[:, None], axis=0)
+
+
+class Engine:
+    """MaxEnt-GRPO math on one torch device, in float64."""
+
+    dtype = torch.float64
+
+    def __init__(self, device: str | torch.device = "auto") -> None:
+        self.device = resolve_device(device) if isinstance(device, str) else device
+
+    def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype or self.dtype, device=self.device)
+
+    @staticmethod
+    def _numpy(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().to("cpu").numpy()
+
+    def reward_statistics(
+        self,
+        group_sizes: np.ndarray,
+        utilities: np.ndarray,
+        options: RewardOptions,
+        *,
+        valid: np.ndarray | None = None,
+        token_counts: np.ndarray | None = None,
+        truncated: np.ndarray | None = None,
+        gen_logp_sum: np.ndarray | None = None,
+        answers: list[str | None] | None = None,
+    ) -> RewardStatistics:
+        """Utilities to moments, advantages and q (SPEC.md §1-§5).
+
+        `valid` marks completions that take part (False: excluded by a
+        failed reward; advantage 0, q 0, left out of every statistic).
+        """
+        seg = Segments.from_sizes(self._tensor(group_sizes, torch.int64), self.device)
+        u = self._tensor(utilities)
+        keep = self._tensor(valid, torch.bool) if valid is not None else torch.ones_like(u, dtype=torch.bool)
+        counts = self._tensor(token_counts, torch.int64) if token_counts is not None else None
+        if options.zero_truncated_completion_rewards:
+            cut = self._tensor(truncated, torch.bool) if truncated is not None else torch.zeros_like(keep)
+            if options.max_completion_len is not None and counts is not None:
+                cut = cut | (counts >= options.max_completion_len)
+            u = torch.where(cut, torch.zeros_like(u), u)
+        mean, std = reward_moments(u, keep)
+        advantages = group_advantages(seg, u, keep, scale_rewards=options.scale_rewards)
+        q = listwise_q(seg, u, keep, temperature=options.q_temperature, epsilon=options.q_epsilon)
+        entropies = scales = None
+        if options.seed_grpo is not None:
+            assert gen_logp_sum is not None and answers is not None
+            entropies, scales = seed_advantage_scales(seg, answers, self._tensor(gen_logp_sum), counts, options.seed_grpo)
+            advantages = advantages * seg.broadcast(scales)
+        return RewardStatistics(
+            total_utils=self._numpy(u),
+            advantages=self._numpy(advantages),
+            q_values=self._numpy(q),
+            reward_mean=mean,
+            reward_std=std,
+            seed_semantic_entropies=None if entropies is None else self._numpy(entropies),
+            seed_advantage_scales=None if scales is None else self._numpy(scales),
+        )
+
+    def weight_stats(
+        self,
+        group_sizes: np.ndarray,
+        q_values: np.ndarray,
+        ref_logp_sum: np.ndarray,
+        ref_token_counts: np.ndarray | None,
+        options: WeightOptions,
+        *,
+        advantages: np.ndarray | None = None,
+    ) -> WeightStats:
+        """MaxEnt weights and entropy diagnostics (SPEC.md §6)."""
+        seg = Segments.from_sizes(self._tensor(group_sizes, torch.int64), self.device)
+        if options.train_grpo_objective:
+            assert advantages is not None
+            w = self._tensor(advantages)
+            summary = zero_entropy_summary(seg, w)
+        else:
+            counts = (
+                self._tensor(ref_token_counts, torch.int64)
+                if ref_token_counts is not None
+                else torch.ones(seg.num_elements, dtype=torch.int64, device=self.device)
+            )
+            ref = self._tensor(ref_logp_sum) if ref_logp_sum is not None else torch.zeros(seg.num_elements, dtype=self.dtype, device=self.device)
+            if options.length_normalize_ref:
+                ref = ref / counts.clamp(min=1).to(self.dtype)
+            w = maxent_weights(
+                seg,
+                self._tensor(q_values),
+                ref,
+                counts,
+                beta=options.beta,
+                denominator=options.denominator_value,
+                include_reference_term=options.include_reference_term,
+                normalize_by_tokens=options.normalize_by_tokens,
+            )
+            summary = entropy_summary(seg, w)
+        return WeightStats(
+            weights=self._numpy(w),
+            group_entropies=self._numpy(summary.group_entropies),
+            weight_entropy=summary.mean,
+            weight_entropy_min=summary.min,
+            weight_entropy_max=summary.max,
+            advantage_entropy=self._numpy(summary.advantage_entropy),
+        )

@@ -1,0 +1,111 @@
+"""Reward moments, GRPO advantages, the listwise target q and SEED-GRPO
+semantic-entropy scaling (SPEC.md §2-§5), vectorized over ragged groups."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .segments import Segments
+
+ADVANTAGE_STD_EPS = 1e-4
+Q_TEMPERATURE_FLOOR = 1e-8
+
+
+def reward_moments(utilities: torch.Tensor, valid: torch.Tensor) -> tuple[float, float]:
+    """Batch mean and population standard deviation of the valid utilities."""
+    count = int(valid.sum())
+    if count == 0:
+        return 0.0, 0.0
+    values = utilities[valid]
+    mean = values.mean()
+    std = torch.sqrt(((values - mean) ** 2).mean())
+    return float(mean), float(std)
+
+
+def group_advantages(
+    seg: Segments, utilities: torch.Tensor, valid: torch.Tensor, *, scale_rewards: bool
+) -> torch.Tensor:
+    """A_i = u_i - mean_g, divided by (Bessel std_g + 1e-4) when scaling.
+
+    Invalid completions get advantage 0 and are left out of mean and std.
+    """
+    weight = valid.to(utilities.dtype)
+    u = torch.where(valid, utilities, torch.zeros_like(utilities))
+    counts = seg.sum(weight)
+    mean = seg.sum(u) / counts.clamp(min=1)
+    centred = (u - seg.broadcast(mean)) * weight
+    advantages = centred
+    if scale_rewards:
+        sq = seg.sum(centred**2)
+        std = torch.where(counts > 1, torch.sqrt(sq / (counts - 1).clamp(min=1)), torch.zeros_like(sq))
+        advantages = centred / seg.broadcast(std + ADVANTAGE_STD_EPS)
+    return advantages
+
+
+def listwise_q(
+    seg: Segments, utilities: torch.Tensor, valid: torch.Tensor, *, temperature: float, epsilon: float
+) -> torch.Tensor:
+    """q = renormalised (softmax(u/T) * (1 - eps*K) + eps) over valid members."""
+    t = max(temperature, Q_TEMPERATURE_FLOOR)
+    logits = torch.where(valid, utilities / t, torch.full_like(utilities, -torch.inf))
+    p = seg.softmax(logits)
+    p = torch.where(valid, p, torch.zeros_like(p))
+    counts = seg.broadcast(seg.sum(valid.to(utilities.dtype)))
+    q = torch.where(valid, p * (1.0 - epsilon * counts) + epsilon, torch.zeros_like(p))
+    total = seg.broadcast(seg.sum(q))
+    return torch.where(total > 0, q / torch.where(total > 0, total, torch.ones_like(total)), q)
+
+
+@dataclass(frozen=True)
+class SeedGrpoSettings:
+    alpha: float = 0.0417
+    normalize_by_max_entropy: bool = True
+    length_normalize_logprobs: bool = True
+    num_generations: int | None = None
+
+
+def cluster_ids(group_ids: list[int], answers: list[str | None]) -> list[int]:
+    """Cluster index per completion: same group and same answer share one,
+    a completion without an answer is a cluster of its own."""
+    index: dict[object, int] = {}
+    return [
+        index.setdefault((g, a) if a is not None else (None, i), len(index))
+        for i, (g, a) in enumerate(zip(group_ids, answers))
+    ]
+
+
+def semantic_entropy(seg: Segments, clusters: torch.Tensor, loglik: torch.Tensor) -> torch.Tensor:
+    """H_g = -sum_c P_c log P_c with log P_c = LSE_c(l) - LSE_g(l), per group."""
+    num_clusters = int(clusters.max()) + 1 if clusters.numel() else 0
+    by_cluster = Segments(sizes=torch.bincount(clusters, minlength=num_clusters), ids=clusters)
+    cluster_group = torch.zeros(num_clusters, dtype=torch.int64, device=clusters.device)
+    cluster_group.scatter_(0, clusters, seg.ids)
+    log_p = by_cluster.logsumexp(loglik) - seg.logsumexp(loglik).index_select(0, cluster_group)
+    by_group = Segments(sizes=seg.sizes, ids=cluster_group)
+    return -by_group.sum(torch.exp(log_p) * log_p)
+
+
+def seed_advantage_scales(
+    seg: Segments,
+    answers: list[str | None],
+    gen_logp_sum: torch.Tensor,
+    token_counts: torch.Tensor | None,
+    settings: SeedGrpoSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group semantic entropy H_g and advantage scale 1 / (1 + alpha_eff H_g)."""
+    loglik = gen_logp_sum
+    if settings.length_normalize_logprobs:
+        assert token_counts is not None, "token_counts are required to length-normalize"
+        loglik = gen_logp_sum / token_counts.clamp(min=1).to(gen_logp_sum.dtype)
+    clusters = torch.tensor(cluster_ids(seg.ids.tolist(), answers), dtype=torch.int64, device=loglik.device)
+    entropy = semantic_entropy(seg, clusters, loglik)
+    alpha = settings.alpha
+    if settings.normalize_by_max_entropy:
+        largest = int(seg.sizes.max()) if seg.num_groups else 0
+        g = settings.num_generations if settings.num_generations is not None else largest
+        # With G <= 1 every group has a single member and H_g = 0: no scaling.
+        alpha = alpha / math.log(g) if g > 1 else 0.0
+    return entropy, 1.0 / (1.0 + alpha * entropy)

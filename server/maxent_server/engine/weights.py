@@ -1,0 +1,64 @@
+"""MaxEnt sequence weights in closed form and their entropy diagnostics
+(SPEC.md §6), vectorized over ragged groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .segments import Segments
+
+LOG_FLOOR = 1e-12
+DENOMINATOR_FLOOR = 1e-8
+
+
+def maxent_weights(
+    seg: Segments,
+    q: torch.Tensor,
+    ref_logp: torch.Tensor,
+    token_counts: torch.Tensor,
+    *,
+    beta: float,
+    denominator: float,
+    include_reference_term: bool,
+    normalize_by_tokens: bool,
+) -> torch.Tensor:
+    """w = softmax_g((log max(q, 1e-12) + beta * ref_logp) / D).
+
+    `ref_logp` is already length-normalized when the run asks for it.
+    """
+    z = torch.log(q.clamp(min=LOG_FLOOR))
+    if include_reference_term:
+        z = z + beta * ref_logp
+    w = seg.softmax(z / max(denominator, DENOMINATOR_FLOOR))
+    if normalize_by_tokens:
+        w = w * token_counts.clamp(min=1).to(w.dtype)
+        w = w / seg.broadcast(seg.sum(w))
+    return w
+
+
+@dataclass(frozen=True)
+class EntropySummary:
+    group_entropies: torch.Tensor  # [G], 0 for empty groups
+    mean: float
+    min: float
+    max: float
+    advantage_entropy: torch.Tensor  # [N], w_i - 1/K_g
+
+
+def entropy_summary(seg: Segments, weights: torch.Tensor) -> EntropySummary:
+    """H_g = -sum w log max(w, 1e-12); mean, min and max over non-empty groups."""
+    entropies = 0.0 - seg.sum(weights * torch.log(weights.clamp(min=LOG_FLOOR)))
+    present = entropies[seg.nonempty]
+    advantage = weights - 1.0 / seg.broadcast(seg.sizes.clamp(min=1).to(weights.dtype))
+    if present.numel() == 0:
+        return EntropySummary(entropies, 0.0, 0.0, 0.0, advantage)
+    return EntropySummary(entropies, float(present.mean()), float(present.min()), float(present.max()), advantage)
+
+
+def zero_entropy_summary(seg: Segments, like: torch.Tensor) -> EntropySummary:
+    """Entropy statistics under the GRPO objective: all zero."""
+    return EntropySummary(
+        torch.zeros(seg.num_groups, dtype=like.dtype, device=like.device), 0.0, 0.0, 0.0, torch.zeros_like(like)
+    )

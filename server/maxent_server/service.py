@@ -1,0 +1,437 @@
+"""The gRPC servicer: validate, convert messages to arrays, call the engine or
+the store, convert back. Blocking work runs in executors so the event loop
+stays free: computations, reward evaluation and store calls each have their
+own pool, so a large batch never delays another run's controller update."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable, TypeVar
+
+import grpc
+import numpy as np
+
+from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+
+from . import convert
+from .engine import ControllerUpdate, Engine, RewardOptions, RunConfig, SeedGrpoSettings, WeightOptions, apply_update
+from .engine import combine_rewards
+from .engine.answers import final_answer
+from .errors import RewardFailures, translate_errors
+from .store import RunRecord, RunStore
+from .validation import MAX_PAGE_SIZE, MAX_REQUEST_ID_LENGTH, Violations
+
+T = TypeVar("T")
+DEFAULT_PAGE_SIZE = 100
+
+
+class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
+    def __init__(
+        self,
+        store: RunStore,
+        engine: Engine,
+        rewards=None,
+        *,
+        compute_threads: int = 2,
+        reward_threads: int = 4,
+        store_threads: int = 4,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.rewards = rewards
+        self.clock = clock
+        self._compute = ThreadPoolExecutor(compute_threads, thread_name_prefix="maxent-compute")
+        self._reward_pool = ThreadPoolExecutor(reward_threads, thread_name_prefix="maxent-rewards")
+        self._store_pool = ThreadPoolExecutor(store_threads, thread_name_prefix="maxent-store")
+
+    def shutdown(self) -> None:
+        for pool in (self._compute, self._reward_pool, self._store_pool):
+            pool.shutdown(wait=True)
+
+    async def _run(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args))
+
+    async def _get_run(self, run_id: str) -> RunRecord:
+        return await self._run(self._store_pool, self.store.get_run, run_id)
+
+    # -- runs ------------------------------------------------------------------
+
+    @translate_errors
+    async def CreateRun(self, request: pb.CreateRunRequest, context) -> pb.CreateRunResponse:
+        v = Violations()
+        v.run_id(request.run_id)
+        _check_config(v, request.config)
+        v.raise_if_any()
+        config = convert.config_from_proto(request.config)
+        record, _ = await self._run(self._store_pool, self.store.create_run, request.run_id, config, self.clock())
+        return pb.CreateRunResponse(run=convert.run_to_proto(record))
+
+    @translate_errors
+    async def GetRun(self, request: pb.GetRunRequest, context) -> pb.GetRunResponse:
+        v = Violations()
+        v.run_id(request.run_id)
+        v.raise_if_any()
+        return pb.GetRunResponse(run=convert.run_to_proto(await self._get_run(request.run_id)))
+
+    @translate_errors
+    async def ListRuns(self, request: pb.ListRunsRequest, context) -> pb.ListRunsResponse:
+        v = Violations()
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            v.add("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        after = _decode_page_token(v, request.page_token)
+        v.raise_if_any()
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        records = await self._run(self._store_pool, self.store.list_runs, after, size + 1)
+        response = pb.ListRunsResponse(runs=[convert.run_to_proto(r) for r in records[:size]])
+        if len(records) > size:
+            response.next_page_token = _encode_page_token(records[size - 1].run_id)
+        return response
+
+    @translate_errors
+    async def DeleteRun(self, request: pb.DeleteRunRequest, context) -> pb.DeleteRunResponse:
+        v = Violations()
+        v.run_id(request.run_id)
+        v.raise_if_any()
+        await self._run(self._store_pool, self.store.delete_run, request.run_id)
+        return pb.DeleteRunResponse()
+
+    # -- computations ------------------------------------------------------------
+
+    @translate_errors
+    async def ComputeRewardStatistics(self, request, context) -> pb.ComputeRewardStatisticsResponse:
+        v = Violations()
+        v.run_id(request.run_id, required=False)
+        v.raise_if_any()
+        config = (await self._get_run(request.run_id)).config if request.run_id else RunConfig()
+        pool = self._reward_pool if len(request.rewards) else self._compute
+        return await self._run(pool, self._reward_statistics, request, config)
+
+    def _reward_statistics(self, request, config: RunConfig) -> pb.ComputeRewardStatisticsResponse:
+        inputs = _RewardInputs.parse(request, config, self.rewards)
+        per_reward: list[pb.RewardValues] = []
+        valid = failed = None
+        utilities = inputs.utilities
+        if inputs.terms:
+            utilities, failed, per_reward = self._evaluate_rewards(request, inputs)
+            if request.on_failure != pb.REWARD_FAILURE_POLICY_ZERO:
+                valid = ~failed
+        stats = self.engine.reward_statistics(
+            inputs.group_sizes,
+            utilities,
+            inputs.options,
+            valid=valid,
+            token_counts=inputs.token_counts,
+            truncated=inputs.truncated,
+            gen_logp_sum=inputs.gen_logp_sum,
+            answers=[final_answer(c) for c in request.completions] if inputs.options.seed_grpo else None,
+        )
+        response = pb.ComputeRewardStatisticsResponse(
+            per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std
+        )
+        response.total_utils.extend(stats.total_utils.tolist())
+        response.advantages.extend(stats.advantages.tolist())
+        response.q_values.extend(stats.q_values.tolist())
+        if stats.seed_semantic_entropies is not None:
+            response.seed_semantic_entropies.extend(stats.seed_semantic_entropies.tolist())
+            response.seed_advantage_scales.extend(stats.seed_advantage_scales.tolist())
+        if failed is not None:
+            response.failed.extend(failed.tolist())
+        return response
+
+    def _evaluate_rewards(self, request, inputs: "_RewardInputs"):
+        """Utilities, the per-completion failure mask and per-reward values."""
+        terms = inputs.terms
+        answers = np.repeat(np.asarray(list(request.answers) or [""] * len(inputs.group_sizes), dtype=object), inputs.group_sizes)
+        evaluation = self.rewards.evaluate(
+            terms, list(request.completions), answers.tolist(), inputs.token_counts, inputs.options.max_completion_len
+        )
+        failed_any = evaluation.failed.any(axis=0)
+        if request.on_failure == pb.REWARD_FAILURE_POLICY_ERROR and failed_any.any():
+            raise RewardFailures(_failure_list(terms, evaluation))
+        values = evaluation.values
+        if request.on_failure == pb.REWARD_FAILURE_POLICY_ZERO:
+            values = np.where(evaluation.failed, 0.0, values)
+        utilities = combine_rewards(values, np.array([t.weight for t in terms], dtype=np.float64))
+        per_reward = [
+            pb.RewardValues(
+                name=term.name,
+                values=evaluation.values[r].tolist(),
+                failed=evaluation.failed[r].tolist(),
+                failure_count=int(evaluation.failed[r].sum()),
+                timeout_count=int(evaluation.timed_out[r].sum()),
+            )
+            for r, term in enumerate(terms)
+        ]
+        return utilities, failed_any, per_reward
+
+    @translate_errors
+    async def ComputeWeightStats(self, request, context) -> pb.ComputeWeightStatsResponse:
+        v = Violations()
+        v.run_id(request.run_id)
+        v.raise_if_any()
+        record = await self._get_run(request.run_id)
+        return await self._run(self._compute, self._weight_stats, request, record)
+
+    def _weight_stats(self, request, record: RunRecord) -> pb.ComputeWeightStatsResponse:
+        config, state = record.config, record.state
+        options = WeightOptions(
+            tau=state.tau,
+            beta=state.beta,
+            denominator=config.denominator,
+            length_normalize_ref=config.length_normalize_ref,
+            train_grpo_objective=config.train_grpo_objective,
+            include_reference_term=request.include_reference_term if request.HasField("include_reference_term") else True,
+            normalize_by_tokens=request.normalize_by_tokens,
+        )
+        sizes, q, ref, counts, advantages = _parse_weight_inputs(request, options)
+        stats = self.engine.weight_stats(sizes, q, ref, counts, options, advantages=advantages)
+        response = pb.ComputeWeightStatsResponse(
+            weight_entropy=stats.weight_entropy,
+            weight_entropy_min=stats.weight_entropy_min,
+            weight_entropy_max=stats.weight_entropy_max,
+            tau=state.tau,
+            beta=state.beta,
+            controller_version=state.version,
+        )
+        response.weights.extend(stats.weights.tolist())
+        response.advantage_entropy.extend(stats.advantage_entropy.tolist())
+        response.group_weight_entropies.extend(stats.group_entropies.tolist())
+        return response
+
+    # -- controller ----------------------------------------------------------------
+
+    @translate_errors
+    async def UpdateController(self, request, context) -> pb.UpdateControllerResponse:
+        update, expected = _parse_update(request)
+        step = lambda config, state: apply_update(config, state, update, self.clock())  # noqa: E731
+        outcome = await self._run(
+            self._store_pool, self.store.update_controller, request.run_id, request.request_id, expected, step
+        )
+        return pb.UpdateControllerResponse(
+            state=convert.state_to_proto(request.run_id, outcome.state), replayed=outcome.replayed
+        )
+
+    @translate_errors
+    async def ListRewardFunctions(self, request, context) -> pb.ListRewardFunctionsResponse:
+        functions = self.rewards.list_functions() if self.rewards is not None else []
+        return pb.ListRewardFunctionsResponse(
+            reward_functions=[
+                pb.RewardFunction(
+                    name=f.name,
+                    description=f.description,
+                    source=f.source,
+                    parameters=[
+                        pb.RewardParameter(
+                            name=p.name, description=p.description, default_value=p.default_value, required=p.required
+                        )
+                        for p in f.parameters
+                    ],
+                )
+                for f in functions
+            ]
+        )
+
+
+# -- request parsing -------------------------------------------------------------
+
+
+def _check_config(v: Violations, config: pb.WeightingConfig) -> None:
+    prefix = "config."
+    for name in ("tau", "beta", "tau_min", "tau_lr", "meta_tau_lr", "meta_beta_lr"):
+        v.at_least(prefix + name, getattr(config, name), 0.0)
+    for name in ("tau_max", "kl_target", "kl_step_size", "meta_beta_grad_clip"):
+        v.finite(prefix + name, getattr(config, name))
+    for name in ("target_entropy", "target_entropy_start", "target_entropy_final"):
+        if config.HasField(name):
+            v.finite(prefix + name, getattr(config, name))
+    if config.HasField("target_entropy_start") != config.HasField("target_entropy_final"):
+        v.add(prefix + "target_entropy_final", "target_entropy_start and target_entropy_final must be set together")
+    if config.HasField("q_temperature"):
+        v.at_least(prefix + "q_temperature", config.q_temperature, 0.0, strict=True)
+    if config.HasField("q_epsilon") and v.at_least(prefix + "q_epsilon", config.q_epsilon, 0.0):
+        if config.q_epsilon > 1.0:
+            v.add(prefix + "q_epsilon", "must be <= 1")
+    if config.tau_warmup_steps < 0:
+        v.add(prefix + "tau_warmup_steps", "must be >= 0")
+    if config.tau_max > 0 and config.tau_max < config.tau_min:
+        v.add(prefix + "tau_max", "must be >= tau_min (or <= 0 for no upper bound)")
+    if not convert.known_denominator(config.denominator):
+        v.add(prefix + "denominator", f"unknown WeightDenominator value {config.denominator}")
+    if not config.train_grpo_objective and config.tau + config.beta <= 0:
+        v.add(prefix + "tau", "tau + beta must be > 0 for MaxEnt weights (or set train_grpo_objective)")
+
+
+def _check_group_arrays(v: Violations, request, name: str, kind: Callable, n: int, *, required: bool, finite=False, non_negative=False):
+    field = getattr(request, name)
+    if not v.length(name, field, n, optional=not required):
+        return None
+    array = kind(field)
+    if finite:
+        v.all_finite(name, array)
+    if non_negative:
+        v.all_non_negative(name, array)
+    return array
+
+
+class _RewardInputs:
+    """Validated, converted arrays and options of a ComputeRewardStatistics call."""
+
+    @classmethod
+    def parse(cls, request, config: RunConfig, rewards) -> "_RewardInputs":
+        self = cls()
+        v = Violations()
+        self.group_sizes = convert.ints(request.group_sizes)
+        n = v.group_sizes(self.group_sizes)
+        groups = len(self.group_sizes)
+        self.terms = _terms(request)
+        self.utilities = None
+        if self.terms:
+            if len(request.utilities):
+                v.add("utilities", "give either precomputed utilities or reward terms, not both")
+            v.length("completions", request.completions, n)
+            if rewards is None:
+                v.add("rewards", "this server has no reward functions")
+            else:
+                v.extend(rewards.validate(self.terms))
+                if rewards.needs_answers(self.terms):
+                    v.length("answers", request.answers, groups)
+        else:
+            self.utilities = _check_group_arrays(v, request, "utilities", convert.floats, n, required=True, finite=True)
+        self.token_counts = _check_group_arrays(v, request, "token_counts", convert.ints, n, required=False, non_negative=True)
+        self.truncated = _check_group_arrays(v, request, "truncated", convert.bools, n, required=False)
+        self.gen_logp_sum = _check_group_arrays(v, request, "gen_logp_sum", convert.floats, n, required=False, finite=True)
+        self.options = _reward_options(v, request, config, self)
+        if request.on_failure not in pb.RewardFailurePolicy.values():
+            v.add("on_failure", f"unknown RewardFailurePolicy value {request.on_failure}")
+        largest = int(self.group_sizes.max()) if groups else 0
+        if self.options.q_epsilon * largest > 1.0:
+            v.add("q_epsilon", f"q_epsilon * largest group size ({largest}) must be <= 1")
+        v.raise_if_any()
+        return self
+
+
+def _terms(request) -> list:
+    if not len(request.rewards):
+        return []
+    from .rewards import TermSpec
+
+    return [TermSpec(t.name, t.weight, dict(t.params)) for t in request.rewards]
+
+
+def _reward_options(v: Violations, request, config: RunConfig, inputs: _RewardInputs) -> RewardOptions:
+    has = request.HasField
+    temperature = request.q_temperature if has("q_temperature") else config.q_temperature
+    epsilon = request.q_epsilon if has("q_epsilon") else config.q_epsilon
+    if has("q_temperature"):
+        v.at_least("q_temperature", temperature, 0.0, strict=True)
+    if has("q_epsilon"):
+        v.at_least("q_epsilon", epsilon, 0.0)
+    max_len = request.max_completion_len if has("max_completion_len") else None
+    if max_len is not None and max_len <= 0:
+        v.add("max_completion_len", "must be > 0")
+    zero_truncated = request.zero_truncated_completion_rewards
+    if zero_truncated and max_len is not None and inputs.token_counts is None:
+        v.add("token_counts", "required with zero_truncated_completion_rewards and max_completion_len")
+    return RewardOptions(
+        q_temperature=temperature if np.isfinite(temperature) else 1.0,
+        q_epsilon=epsilon if np.isfinite(epsilon) else 0.0,
+        scale_rewards=request.scale_rewards if has("scale_rewards") else config.scale_rewards,
+        zero_truncated_completion_rewards=zero_truncated,
+        max_completion_len=max_len,
+        seed_grpo=_seed_settings(v, request, inputs),
+    )
+
+
+def _seed_settings(v: Violations, request, inputs: _RewardInputs) -> SeedGrpoSettings | None:
+    seed = request.seed_grpo
+    if not seed.enabled:
+        return None
+    n = len(request.completions) if len(request.rewards) else (len(inputs.utilities) if inputs.utilities is not None else 0)
+    settings = SeedGrpoSettings(
+        alpha=seed.alpha if seed.HasField("alpha") else 0.0417,
+        normalize_by_max_entropy=seed.normalize_by_max_entropy if seed.HasField("normalize_by_max_entropy") else True,
+        length_normalize_logprobs=seed.length_normalize_logprobs if seed.HasField("length_normalize_logprobs") else True,
+        num_generations=seed.num_generations if seed.HasField("num_generations") else None,
+    )
+    v.at_least("seed_grpo.alpha", settings.alpha, 0.0)
+    if settings.num_generations is not None and settings.num_generations <= 0:
+        v.add("seed_grpo.num_generations", "must be > 0")
+    if not len(request.rewards):
+        v.length("completions", request.completions, n)
+    if inputs.gen_logp_sum is None:
+        v.add("gen_logp_sum", "required when seed_grpo is enabled (one per completion)")
+    if settings.length_normalize_logprobs and inputs.token_counts is None:
+        v.add("token_counts", "required when seed_grpo.length_normalize_logprobs is on (one per completion)")
+    return settings
+
+
+def _parse_weight_inputs(request, options: WeightOptions):
+    v = Violations()
+    sizes = convert.ints(request.group_sizes)
+    n = v.group_sizes(sizes)
+    q = ref = counts = advantages = None
+    if options.train_grpo_objective:
+        advantages = _check_group_arrays(v, request, "advantages", convert.floats, n, required=True, finite=True)
+    else:
+        if options.tau + options.beta <= 0:
+            v.add("run_id", "the run's controller has tau + beta <= 0; MaxEnt weights need tau + beta > 0")
+        q = _check_group_arrays(v, request, "q_values", convert.floats, n, required=True, finite=True, non_negative=True)
+        ref = _check_group_arrays(
+            v, request, "ref_logp_sum", convert.floats, n, required=options.include_reference_term, finite=True
+        )
+        counts_needed = options.normalize_by_tokens or (options.include_reference_term and options.length_normalize_ref)
+        counts = _check_group_arrays(
+            v, request, "ref_token_counts", convert.ints, n, required=counts_needed, non_negative=True
+        )
+    v.raise_if_any()
+    return sizes, q, ref, counts, advantages
+
+
+def _parse_update(request) -> tuple[ControllerUpdate, int | None]:
+    v = Violations()
+    v.run_id(request.run_id)
+    if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+        v.add("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
+    if request.global_step < 0:
+        v.add("global_step", "must be >= 0")
+    optional = {}
+    for name in ("weight_entropy", "measured_kl", "tau_grad", "beta_grad", "lr_scale"):
+        if request.HasField(name):
+            optional[name] = getattr(request, name)
+            v.finite(name, optional[name])
+    if optional.get("lr_scale", 1.0) < 0:
+        v.add("lr_scale", "must be >= 0")
+    expected = request.expected_version if request.HasField("expected_version") else None
+    if expected is not None and expected < 0:
+        v.add("expected_version", "must be >= 0")
+    v.raise_if_any()
+    return ControllerUpdate(global_step=request.global_step, **optional), expected
+
+
+def _failure_list(terms, evaluation) -> list[tuple[str, str]]:
+    failures = []
+    for r, i in zip(*np.nonzero(evaluation.failed)):
+        kind = "timed out" if evaluation.timed_out[r, i] else "raised"
+        failures.append((f"rewards[{r}] ({terms[r].name}) completion {i}", f"reward function {kind}"))
+    return failures
+
+
+def _encode_page_token(run_id: str) -> str:
+    return base64.urlsafe_b64encode(run_id.encode()).decode()
+
+
+def _decode_page_token(v: Violations, token: str) -> str | None:
+    if not token:
+        return None
+    try:
+        return base64.urlsafe_b64decode(token.encode("ascii")).decode()
+    except (binascii.Error, UnicodeError, ValueError):
+        v.add("page_token", "is not a token from a ListRuns response")
+        return None

@@ -1,0 +1,40 @@
+"""Durable run storage behind a small interface (base.RunStore)."""
+
+from pathlib import Path
+
+from .base import (
+    REQUEST_ID_RETENTION,
+    RunConflict,
+    RunNotFound,
+    RunRecord,
+    RunStore,
+    StoreError,
+    StoreUnavailable,
+    UpdateOutcome,
+    VersionMismatch,
+)
+from .sqlite import SqliteStore
+
+
+def open_store(url: str, data_dir: str) -> RunStore:
+    """Open the store named by `url` ('' or 'sqlite' = the embedded default)."""
+    if url in ("", "sqlite"):
+        return SqliteStore(Path(data_dir) / SqliteStore.FILENAME)
+    if url.startswith("sqlite:///"):
+        return SqliteStore(url[len("sqlite://") :])
+    raise ValueError(f"unsupported state store {url!r}")
+
+
+__all__ = [
+    "REQUEST_ID_RETENTION",
+    "RunConflict",
+    "RunNotFound",
+    "RunRecord",
+    "RunStore",
+    "SqliteStore",
+    "StoreError",
+    "StoreUnavailable",
+    "UpdateOutcome",
+    "VersionMismatch",
+    "open_store",
+]

@@ -1,0 +1,98 @@
+"""The storage interface for runs and their controllers.
+
+A backend keeps each run's config and controller state durably, applies
+controller updates atomically per run (read, step, write as one unit), and
+remembers recent request ids so a replayed update applies nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Callable
+
+from ..engine import ControllerState, RunConfig
+
+# How many applied request ids a backend remembers per run, at least.
+REQUEST_ID_RETENTION = 10_000
+
+ControllerStep = Callable[[RunConfig, ControllerState], ControllerState]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    config: RunConfig
+    state: ControllerState
+    create_time: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    state: ControllerState
+    replayed: bool
+
+
+class StoreError(Exception):
+    """Base of the errors a store raises."""
+
+
+class RunNotFound(StoreError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} not found")
+        self.run_id = run_id
+
+
+class RunConflict(StoreError):
+    """A run with this id exists with another config."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} already exists with a different config")
+        self.run_id = run_id
+
+
+class VersionMismatch(StoreError):
+    def __init__(self, run_id: str, expected: int, actual: int) -> None:
+        super().__init__(f"run {run_id!r} is at version {actual}, not the expected {expected}")
+        self.expected, self.actual = expected, actual
+
+
+class StoreUnavailable(StoreError):
+    """The backend cannot be reached now; the caller may retry later."""
+
+
+class RunStore(abc.ABC):
+    """Durable runs. Every method is safe to call from several threads."""
+
+    @abc.abstractmethod
+    def create_run(self, run_id: str, config: RunConfig, now: float) -> tuple[RunRecord, bool]:
+        """Create a run; return (record, created). An identical existing run is
+        returned with created=False; a different one raises RunConflict."""
+
+    @abc.abstractmethod
+    def get_run(self, run_id: str) -> RunRecord:
+        """The run, or RunNotFound."""
+
+    @abc.abstractmethod
+    def list_runs(self, after: str | None, limit: int) -> list[RunRecord]:
+        """Up to `limit` runs with run_id > `after`, ordered by run_id."""
+
+    @abc.abstractmethod
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run and its request ids, or raise RunNotFound."""
+
+    @abc.abstractmethod
+    def update_controller(
+        self, run_id: str, request_id: str, expected_version: int | None, step: ControllerStep
+    ) -> UpdateOutcome:
+        """Atomically apply `step` to the run's state and persist it before
+        returning. A request_id already applied returns the state it produced
+        (replayed=True) and applies nothing; a mismatched expected_version
+        raises VersionMismatch."""
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable when the backend cannot be reached."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and release the backend."""

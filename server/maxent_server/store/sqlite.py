@@ -1,0 +1,166 @@
+"""The embedded default store: one SQLite file in WAL mode.
+
+Every write commits with synchronous=FULL before the call returns, so an
+acknowledged CreateRun or UpdateController survives a kill -9 of the server.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+from ..engine import ControllerState, RunConfig
+from .base import (
+    REQUEST_ID_RETENTION,
+    ControllerStep,
+    RunConflict,
+    RunNotFound,
+    RunRecord,
+    RunStore,
+    UpdateOutcome,
+    VersionMismatch,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    state TEXT NOT NULL,
+    create_time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS applied_requests (
+    run_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (run_id, request_id)
+);
+CREATE INDEX IF NOT EXISTS applied_requests_by_version ON applied_requests (run_id, version);
+"""
+
+
+def _dump(obj: RunConfig | ControllerState) -> str:
+    return json.dumps(obj.to_dict(), sort_keys=True)
+
+
+class SqliteStore(RunStore):
+    """Runs in one SQLite file (the parent folder is created if missing)."""
+
+    FILENAME = "maxent.sqlite3"
+
+    def __init__(self, path: str | Path, *, retention: int = REQUEST_ID_RETENTION) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.retention = retention
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+
+    def _record(self, row: tuple) -> RunRecord:
+        run_id, config, state, create_time = row
+        return RunRecord(
+            run_id=run_id,
+            config=RunConfig.from_dict(json.loads(config)),
+            state=ControllerState.from_dict(json.loads(state)),
+            create_time=create_time,
+        )
+
+    def _fetch(self, run_id: str) -> RunRecord | None:
+        row = self._db.execute(
+            "SELECT run_id, config, state, create_time FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        return self._record(row) if row else None
+
+    def create_run(self, run_id: str, config: RunConfig, now: float) -> tuple[RunRecord, bool]:
+        with self._lock, self._transaction():
+            existing = self._fetch(run_id)
+            if existing is not None:
+                if existing.config != config:
+                    raise RunConflict(run_id)
+                return existing, False
+            record = RunRecord(run_id, config, ControllerState.initial(config, now), now)
+            self._db.execute(
+                "INSERT INTO runs (run_id, config, state, create_time) VALUES (?, ?, ?, ?)",
+                (run_id, _dump(config), _dump(record.state), now),
+            )
+            return record, True
+
+    def get_run(self, run_id: str) -> RunRecord:
+        with self._lock:
+            record = self._fetch(run_id)
+        if record is None:
+            raise RunNotFound(run_id)
+        return record
+
+    def list_runs(self, after: str | None, limit: int) -> list[RunRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT run_id, config, state, create_time FROM runs WHERE run_id > ? ORDER BY run_id LIMIT ?",
+                (after or "", limit),
+            ).fetchall()
+        return [self._record(row) for row in rows]
+
+    def delete_run(self, run_id: str) -> None:
+        with self._lock, self._transaction():
+            if self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,)).rowcount == 0:
+                raise RunNotFound(run_id)
+            self._db.execute("DELETE FROM applied_requests WHERE run_id = ?", (run_id,))
+
+    def update_controller(
+        self, run_id: str, request_id: str, expected_version: int | None, step: ControllerStep
+    ) -> UpdateOutcome:
+        with self._lock, self._transaction():
+            record = self._fetch(run_id)
+            if record is None:
+                raise RunNotFound(run_id)
+            if request_id:
+                row = self._db.execute(
+                    "SELECT state FROM applied_requests WHERE run_id = ? AND request_id = ?", (run_id, request_id)
+                ).fetchone()
+                if row:
+                    return UpdateOutcome(ControllerState.from_dict(json.loads(row[0])), replayed=True)
+            if expected_version is not None and expected_version != record.state.version:
+                raise VersionMismatch(run_id, expected_version, record.state.version)
+            state = step(record.config, record.state)
+            encoded = _dump(state)
+            self._db.execute("UPDATE runs SET state = ? WHERE run_id = ?", (encoded, run_id))
+            if request_id:
+                self._db.execute(
+                    "INSERT INTO applied_requests (run_id, request_id, version, state) VALUES (?, ?, ?, ?)",
+                    (run_id, request_id, state.version, encoded),
+                )
+                self._db.execute(
+                    "DELETE FROM applied_requests WHERE run_id = ? AND version <= ?",
+                    (run_id, state.version - self.retention),
+                )
+            return UpdateOutcome(state, replayed=False)
+
+    def ping(self) -> None:
+        with self._lock:
+            self._db.execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _transaction(self) -> "_Transaction":
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back when the body raises."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
