@@ -101,21 +101,5 @@ def flat(values: Any, dtype: Any) -> np.ndarray:
     return np.asarray(values, dtype=dtype)
 
 
-def floats(values: Any) -> list[float]:
-    return flat(values, np.float64).tolist()
-
-
-def ints(values: Any) -> list[int]:
-    return flat(values, np.int64).tolist()
-
-
-def bools(values: Any) -> list[bool]:
-    return flat(values, np.bool_).tolist()
-
-
 def strings(values: Any) -> list[str]:
     return [str(x) for x in flat(values, object).tolist()]
-
-
-def array(field: Sequence, dtype: Any = np.float64) -> np.ndarray:
-    return np.fromiter(field, dtype=dtype, count=len(field))

@@ -12,6 +12,7 @@ import numpy as np
 from . import _convert as cv
 from ._generated.maxent.v1 import maxent_pb2 as pb
 from ._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from ._wire import array, fill
 from .errors import from_rpc_error
 from .models import (
     FailurePolicy,
@@ -152,18 +153,21 @@ class MaxEntClient:
         (then group_sizes is computed from `utilities` or `completions`)."""
         primary = utilities if utilities is not None else completions
         sizes = _group_sizes(group_sizes, primary)
-        request = pb.ComputeRewardStatisticsRequest(run_id=run_id, group_sizes=sizes)
-        if utilities is not None:
-            request.utilities.extend(cv.floats(utilities))
+        request = pb.ComputeRewardStatisticsRequest(run_id=run_id)
+        fill(
+            request,
+            group_sizes=sizes,
+            utilities=_flat(utilities, np.float64),
+            token_counts=_flat(token_counts, np.int64),
+            truncated=_flat(truncated, np.bool_),
+            gen_logp_sum=_flat(gen_logp_sum, np.float64),
+        )
         if completions is not None:
             request.completions.extend(cv.strings(completions))
         if answers is not None:
             request.answers.extend(str(a) for a in answers)
         for term in rewards:
             request.rewards.add(name=term.name, weight=term.weight, params=dict(term.params))
-        _extend(request.token_counts, token_counts, cv.ints)
-        _extend(request.truncated, truncated, cv.bools)
-        _extend(request.gen_logp_sum, gen_logp_sum, cv.floats)
         _set_optional(request, q_temperature=q_temperature, q_epsilon=q_epsilon, scale_rewards=scale_rewards,
                       zero_truncated_completion_rewards=zero_truncated_completion_rewards,
                       max_completion_len=max_completion_len)
@@ -176,19 +180,19 @@ class MaxEntClient:
         reply = self._call("ComputeRewardStatistics", request, timeout)
         return RewardStatistics(
             group_sizes=np.asarray(sizes, dtype=np.int64),
-            total_utils=cv.array(reply.total_utils),
-            advantages=cv.array(reply.advantages),
-            q_values=cv.array(reply.q_values),
+            total_utils=array(reply.total_utils),
+            advantages=array(reply.advantages),
+            q_values=array(reply.q_values),
             reward_mean=reply.reward_mean,
             reward_std=reply.reward_std,
             per_reward={
-                r.name: RewardValues(r.name, cv.array(r.values), cv.array(r.failed, np.bool_), r.failure_count,
+                r.name: RewardValues(r.name, array(r.values), array(r.failed, np.bool_), r.failure_count,
                                      r.timeout_count)
                 for r in reply.per_reward
             },
-            failed=cv.array(reply.failed, np.bool_),
-            seed_semantic_entropies=cv.array(reply.seed_semantic_entropies),
-            seed_advantage_scales=cv.array(reply.seed_advantage_scales),
+            failed=array(reply.failed, np.bool_),
+            seed_semantic_entropies=array(reply.seed_semantic_entropies),
+            seed_advantage_scales=array(reply.seed_advantage_scales),
         )
 
     def compute_weight_stats(
@@ -206,21 +210,25 @@ class MaxEntClient:
     ) -> WeightStats:
         """MaxEnt weights from q and reference log-probs with the run's tau and beta."""
         sizes = _group_sizes(group_sizes, q_values if q_values is not None else advantages)
-        request = pb.ComputeWeightStatsRequest(run_id=run_id, group_sizes=sizes, normalize_by_tokens=normalize_by_tokens)
-        _extend(request.q_values, q_values, cv.floats)
-        _extend(request.ref_logp_sum, ref_logp_sum, cv.floats)
-        _extend(request.ref_token_counts, ref_token_counts, cv.ints)
-        _extend(request.advantages, advantages, cv.floats)
+        request = pb.ComputeWeightStatsRequest(run_id=run_id, normalize_by_tokens=normalize_by_tokens)
+        fill(
+            request,
+            group_sizes=sizes,
+            q_values=_flat(q_values, np.float64),
+            ref_logp_sum=_flat(ref_logp_sum, np.float64),
+            ref_token_counts=_flat(ref_token_counts, np.int64),
+            advantages=_flat(advantages, np.float64),
+        )
         _set_optional(request, include_reference_term=include_reference_term)
         reply = self._call("ComputeWeightStats", request, timeout)
         return WeightStats(
             group_sizes=np.asarray(sizes, dtype=np.int64),
-            weights=cv.array(reply.weights),
+            weights=array(reply.weights),
             weight_entropy=reply.weight_entropy,
             weight_entropy_min=reply.weight_entropy_min,
             weight_entropy_max=reply.weight_entropy_max,
-            advantage_entropy=cv.array(reply.advantage_entropy),
-            group_weight_entropies=cv.array(reply.group_weight_entropies),
+            advantage_entropy=array(reply.advantage_entropy),
+            group_weight_entropies=array(reply.group_weight_entropies),
             tau=reply.tau,
             beta=reply.beta,
             controller_version=reply.controller_version,
@@ -267,18 +275,17 @@ class MaxEntClient:
         ]
 
 
-def _group_sizes(group_sizes: Any, primary: Any) -> list[int]:
+def _group_sizes(group_sizes: Any, primary: Any) -> np.ndarray:
     if group_sizes is not None:
-        return cv.ints(group_sizes)
+        return cv.flat(group_sizes, np.int64)
     sizes = cv.nested_sizes(primary) if primary is not None else None
     if sizes is None:
         raise ValueError("group_sizes is required unless the per-completion inputs are nested per group")
-    return sizes
+    return np.asarray(sizes, dtype=np.int64)
 
 
-def _extend(field: Any, values: Any, convert: Any) -> None:
-    if values is not None:
-        field.extend(convert(values))
+def _flat(values: Any, dtype: Any) -> np.ndarray | None:
+    return None if values is None else cv.flat(values, dtype)
 
 
 def _set_optional(message: Any, **values: Any) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -34,7 +35,7 @@ class ServerSettings:
     reward_workers: int | None = None
     reward_timeout_seconds: float = 5.0
     load_plugins: bool = True
-    extra: dict = field(default_factory=dict)
+    torch_threads: int = 1
 
 
 class MaxEntServer:
@@ -49,6 +50,10 @@ class MaxEntServer:
         s = self.settings
         self.store = open_store(s.state_store, s.data_dir)
         self.engine = Engine(s.device)
+        if s.torch_threads > 0:
+            # Small per-call tensors: intra-op threads mostly add contention
+            # between concurrent calls on a busy CPU.
+            torch.set_num_threads(s.torch_threads)
         self.rewards = _reward_runner(s)
         self.servicer = MaxEntServicer(self.store, self.engine, self.rewards)
         limit = s.max_message_mb * 1024 * 1024
@@ -104,7 +109,7 @@ class MaxEntServer:
 def _reward_runner(s: ServerSettings):
     try:
         from .rewards import RewardRunner
-    except ModuleNotFoundError:  # TEMP-REWARDS
+    except ImportError:  # TEMP-REWARDS
         return None
 
     return RewardRunner(workers=s.reward_workers, timeout_seconds=s.reward_timeout_seconds, load_plugins=s.load_plugins)

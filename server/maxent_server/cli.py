@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-workers", type=int, default=_int_or_none(_env("reward-workers", None)), help="reward worker processes (default: CPU count)")
     p.add_argument("--reward-timeout-seconds", type=float, default=float(_env("reward-timeout-seconds", 5)), help="time limit per completion and reward (default 5)")
     p.add_argument("--no-plugins", action="store_true", default=_env("no-plugins", "") not in ("", "0", "false"), help="do not load maxent.rewards entry points")
+    p.add_argument("--torch-threads", type=int, default=int(_env("torch-threads", 1)), help="torch intra-op threads on the CPU; 0 keeps torch's default (default 1)")
     p.add_argument("--log-level", default=_env("log-level", "INFO"))
     return p
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         reward_workers=args.reward_workers,
         reward_timeout_seconds=args.reward_timeout_seconds,
         load_plugins=not args.no_plugins,
+        torch_threads=args.torch_threads,
     )
     asyncio.run(MaxEntServer(settings).serve_until_signal())
     return 0

@@ -6,6 +6,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_client._wire import array
 
 from .engine import ControllerState, Denominator, RunConfig
 from .store import RunRecord
@@ -99,14 +100,14 @@ def run_to_proto(record: RunRecord) -> pb.Run:
 
 def floats(field) -> np.ndarray:
     """A repeated double field as a float64 array."""
-    return np.fromiter(field, dtype=np.float64, count=len(field))
+    return array(field, np.float64)
 
 
 def ints(field) -> np.ndarray:
     """A repeated int64 field as an int64 array."""
-    return np.fromiter(field, dtype=np.int64, count=len(field))
+    return array(field, np.int64)
 
 
 def bools(field) -> np.ndarray:
     """A repeated bool field as a bool array."""
-    return np.fromiter(field, dtype=np.bool_, count=len(field))
+    return array(field, np.bool_)

@@ -18,6 +18,7 @@ import numpy as np
 
 from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from maxent_client._wire import fill
 
 from . import convert
 from .engine import ControllerUpdate, Engine, RewardOptions, RunConfig, SeedGrpoSettings, WeightOptions, apply_update
@@ -135,15 +136,15 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         response = pb.ComputeRewardStatisticsResponse(
             per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std
         )
-        response.total_utils.extend(stats.total_utils.tolist())
-        response.advantages.extend(stats.advantages.tolist())
-        response.q_values.extend(stats.q_values.tolist())
-        if stats.seed_semantic_entropies is not None:
-            response.seed_semantic_entropies.extend(stats.seed_semantic_entropies.tolist())
-            response.seed_advantage_scales.extend(stats.seed_advantage_scales.tolist())
-        if failed is not None:
-            response.failed.extend(failed.tolist())
-        return response
+        return fill(
+            response,
+            total_utils=stats.total_utils,
+            advantages=stats.advantages,
+            q_values=stats.q_values,
+            seed_semantic_entropies=stats.seed_semantic_entropies,
+            seed_advantage_scales=stats.seed_advantage_scales,
+            failed=failed,
+        )
 
     def _evaluate_rewards(self, request, inputs: "_RewardInputs"):
         """Utilities, the per-completion failure mask and per-reward values."""
@@ -160,12 +161,14 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
             values = np.where(evaluation.failed, 0.0, values)
         utilities = combine_rewards(values, np.array([t.weight for t in terms], dtype=np.float64))
         per_reward = [
-            pb.RewardValues(
-                name=term.name,
-                values=evaluation.values[r].tolist(),
-                failed=evaluation.failed[r].tolist(),
-                failure_count=int(evaluation.failed[r].sum()),
-                timeout_count=int(evaluation.timed_out[r].sum()),
+            fill(
+                pb.RewardValues(
+                    name=term.name,
+                    failure_count=int(evaluation.failed[r].sum()),
+                    timeout_count=int(evaluation.timed_out[r].sum()),
+                ),
+                values=evaluation.values[r],
+                failed=evaluation.failed[r],
             )
             for r, term in enumerate(terms)
         ]
@@ -200,10 +203,12 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
             beta=state.beta,
             controller_version=state.version,
         )
-        response.weights.extend(stats.weights.tolist())
-        response.advantage_entropy.extend(stats.advantage_entropy.tolist())
-        response.group_weight_entropies.extend(stats.group_entropies.tolist())
-        return response
+        return fill(
+            response,
+            weights=stats.weights,
+            advantage_entropy=stats.advantage_entropy,
+            group_weight_entropies=stats.group_entropies,
+        )
 
     # -- controller ----------------------------------------------------------------
 

@@ -110,10 +110,10 @@ class Engine:
         """
         seg = Segments.from_sizes(self._tensor(group_sizes, torch.int64), self.device)
         u = self._tensor(utilities)
-        keep = self._tensor(valid, torch.bool) if valid is not None else torch.ones_like(u, dtype=torch.bool)
+        keep = self._tensor(valid, torch.bool) if valid is not None and not valid.all() else None
         counts = self._tensor(token_counts, torch.int64) if token_counts is not None else None
         if options.zero_truncated_completion_rewards:
-            cut = self._tensor(truncated, torch.bool) if truncated is not None else torch.zeros_like(keep)
+            cut = self._tensor(truncated, torch.bool) if truncated is not None else torch.zeros_like(u, dtype=torch.bool)
             if options.max_completion_len is not None and counts is not None:
                 cut = cut | (counts >= options.max_completion_len)
             u = torch.where(cut, torch.zeros_like(u), u)

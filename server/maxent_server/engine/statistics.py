@@ -14,29 +14,33 @@ ADVANTAGE_STD_EPS = 1e-4
 Q_TEMPERATURE_FLOOR = 1e-8
 
 
-def reward_moments(utilities: torch.Tensor, valid: torch.Tensor) -> tuple[float, float]:
+def reward_moments(utilities: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[float, float]:
     """Batch mean and population standard deviation of the valid utilities."""
-    count = int(valid.sum())
-    if count == 0:
+    values = utilities if valid is None else utilities[valid]
+    if values.numel() == 0:
         return 0.0, 0.0
-    values = utilities[valid]
     mean = values.mean()
     std = torch.sqrt(((values - mean) ** 2).mean())
     return float(mean), float(std)
 
 
 def group_advantages(
-    seg: Segments, utilities: torch.Tensor, valid: torch.Tensor, *, scale_rewards: bool
+    seg: Segments, utilities: torch.Tensor, valid: torch.Tensor | None = None, *, scale_rewards: bool
 ) -> torch.Tensor:
     """A_i = u_i - mean_g, divided by (Bessel std_g + 1e-4) when scaling.
 
-    Invalid completions get advantage 0 and are left out of mean and std.
+    Invalid completions (valid False) get advantage 0 and are left out of
+    mean and std; valid None means all take part.
     """
-    weight = valid.to(utilities.dtype)
-    u = torch.where(valid, utilities, torch.zeros_like(utilities))
-    counts = seg.sum(weight)
+    if valid is None:
+        u, counts = utilities, seg.sizes.to(utilities.dtype)
+    else:
+        u = torch.where(valid, utilities, torch.zeros_like(utilities))
+        counts = seg.sum(valid.to(utilities.dtype))
     mean = seg.sum(u) / counts.clamp(min=1)
-    centred = (u - seg.broadcast(mean)) * weight
+    centred = u - seg.broadcast(mean)
+    if valid is not None:
+        centred = torch.where(valid, centred, torch.zeros_like(centred))
     advantages = centred
     if scale_rewards:
         sq = seg.sum(centred**2)
@@ -46,10 +50,14 @@ def group_advantages(
 
 
 def listwise_q(
-    seg: Segments, utilities: torch.Tensor, valid: torch.Tensor, *, temperature: float, epsilon: float
+    seg: Segments, utilities: torch.Tensor, valid: torch.Tensor | None = None, *, temperature: float, epsilon: float
 ) -> torch.Tensor:
     """q = renormalised (softmax(u/T) * (1 - eps*K) + eps) over valid members."""
     t = max(temperature, Q_TEMPERATURE_FLOOR)
+    if valid is None:
+        p = seg.softmax(utilities / t)
+        q = p * (1.0 - epsilon * seg.broadcast(seg.sizes.to(p.dtype))) + epsilon
+        return q / seg.broadcast(seg.sum(q))
     logits = torch.where(valid, utilities / t, torch.full_like(utilities, -torch.inf))
     p = seg.softmax(logits)
     p = torch.where(valid, p, torch.zeros_like(p))

@@ -1,0 +1,158 @@
+"""Benchmark of the service core (issue: one batch of 1024 prompts x 16).
+
+Times ComputeRewardStatistics (utilities path) and ComputeWeightStats through
+a real maxent-server process against
+  (a) a plain in-process per-group implementation in the style trainers use
+      today: a torch tensor per group, Python lists in and out;
+  (b) a raw gRPC echo server (another process) sent the same request bytes.
+All in one run on the same machine; the ratios are what to quote.
+
+    python bench/bench_core.py [--prompts 1024] [--generations 16] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from maxent_client import MaxEntClient, WeightingConfig  # noqa: E402
+from maxent_client._generated.maxent.v1 import maxent_pb2 as pb  # noqa: E402
+from server_process import ServerProcess, free_port  # noqa: E402
+
+TAU, BETA = 0.3, 0.05
+
+
+def per_group_baseline(utilities: list[list[float]], ref_logp: list[list[float]], ref_counts: list[list[int]]):
+    """What a trainer loop does today: one small tensor per group."""
+    advantages, q_all, weights, entropies = [], [], [], []
+    for u_list, r_list, c_list in zip(utilities, ref_logp, ref_counts):
+        u = torch.tensor(u_list, dtype=torch.float64)
+        k = u.numel()
+        std = u.std() if k > 1 else torch.tensor(0.0, dtype=torch.float64)
+        advantages.append(((u - u.mean()) / (std + 1e-4)).tolist())
+        p = torch.softmax(u, dim=0)
+        q = p * (1 - 1e-6 * k) + 1e-6
+        q = q / q.sum()
+        q_all.append(q.tolist())
+        ref = torch.tensor(r_list, dtype=torch.float64) / torch.tensor(c_list, dtype=torch.float64).clamp(min=1)
+        w = torch.softmax((torch.log(q.clamp(min=1e-12)) + BETA * ref) / (TAU + BETA), dim=0)
+        entropies.append(float(-(w * torch.log(w.clamp(min=1e-12))).sum()))
+        weights.append(w.tolist())
+    return advantages, q_all, weights, entropies
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+ECHO_SERVER = textwrap.dedent("""
+    import sys, time, grpc
+    from concurrent import futures
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
+    limit = 64 * 1024 * 1024
+    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler],
+                         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    server.start()
+    print("ready", flush=True)
+    server.wait_for_termination()
+""")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=1024)
+    parser.add_argument("--generations", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    g, k = args.prompts, args.generations
+    rng = np.random.default_rng(0)
+    utilities = rng.normal(size=(g, k))
+    ref_logp = rng.normal(-40, 10, size=(g, k))
+    ref_counts = rng.integers(10, 200, size=(g, k))
+    sizes = [k] * g
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ServerProcess(Path(tmp) / "data", extra_args=["--reward-workers", "1"]).start()
+        echo_port = free_port()
+        echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_port)], stdout=subprocess.PIPE, text=True)
+        assert echo.stdout.readline().strip() == "ready"
+        try:
+            client = MaxEntClient(server.target, timeout=120)
+            client.create_run("bench", WeightingConfig(tau=TAU, beta=BETA))
+            stats = client.compute_reward_statistics(utilities=utilities, group_sizes=sizes)
+
+            def rewards_rpc():
+                return client.compute_reward_statistics(utilities=utilities, group_sizes=sizes)
+
+            def weights_rpc():
+                return client.compute_weight_stats("bench", q_values=stats.q_values, ref_logp_sum=ref_logp,
+                                                   ref_token_counts=ref_counts, group_sizes=sizes)
+
+            # Same numbers both ways, so the comparison is like for like.
+            base = per_group_baseline(utilities.tolist(), ref_logp.tolist(), ref_counts.tolist())
+            np.testing.assert_allclose(np.concatenate(base[1]), stats.q_values, atol=1e-12)
+            np.testing.assert_allclose(np.concatenate(base[2]), weights_rpc().weights, atol=1e-9)
+
+            lists = (utilities.tolist(), ref_logp.tolist(), ref_counts.tolist())
+            t_baseline = _median_seconds(lambda: per_group_baseline(*lists), max(3, args.repeats // 5))
+            t_rewards = _median_seconds(rewards_rpc, args.repeats)
+            t_weights = _median_seconds(weights_rpc, args.repeats)
+
+            reward_bytes = pb.ComputeRewardStatisticsRequest(group_sizes=sizes, utilities=utilities.ravel().tolist()
+                                                             ).SerializeToString()
+            weight_bytes = pb.ComputeWeightStatsRequest(
+                run_id="bench", group_sizes=sizes, q_values=stats.q_values.tolist(), ref_logp_sum=ref_logp.ravel().tolist(),
+                ref_token_counts=ref_counts.ravel().tolist()).SerializeToString()
+            with grpc.insecure_channel(f"127.0.0.1:{echo_port}") as channel:
+                call = channel.unary_unary("/bench.Echo/Echo")
+                t_echo_rewards = _median_seconds(lambda: call(reward_bytes, timeout=60), args.repeats)
+                t_echo_weights = _median_seconds(lambda: call(weight_bytes, timeout=60), args.repeats)
+            rss = peak_rss_mib(server.proc.pid)
+        finally:
+            echo.kill()
+            server.stop()
+
+    rpc_total = t_rewards + t_weights
+    echo_total = t_echo_rewards + t_echo_weights
+    print(f"batch: {g} prompts x {k} completions ({g * k} completions), median of {args.repeats} calls")
+    print(f"{'':34}{'seconds':>10}")
+    print(f"{'(a) in-process per-group loop':34}{t_baseline:>10.4f}   (both computations)")
+    print(f"{'ComputeRewardStatistics via server':34}{t_rewards:>10.4f}   echo of its bytes {t_echo_rewards:.4f}")
+    print(f"{'ComputeWeightStats via server':34}{t_weights:>10.4f}   echo of its bytes {t_echo_weights:.4f}")
+    print(f"speed-up over (a):          {t_baseline / rpc_total:6.1f}x   (goal >= 10x)")
+    print(f"cost relative to echo (b):  {rpc_total / echo_total:6.2f}x   (goal <= 3x)")
+    print(f"server peak RSS:            {rss:6.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

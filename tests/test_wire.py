@@ -1,0 +1,38 @@
+"""The numpy wire encoder must produce exactly what protobuf itself writes."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_client._wire import array, fill
+
+int64s = st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=50)
+doubles = st.lists(st.floats(allow_nan=False), max_size=50)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=int64s, counts=int64s, utilities=doubles, flags=st.lists(st.booleans(), max_size=50))
+def test_fill_matches_protobuf_encoding(sizes, counts, utilities, flags):
+    fast = fill(pb.ComputeRewardStatisticsRequest(run_id="r"), group_sizes=np.array(sizes, dtype=np.int64),
+                token_counts=np.array(counts, dtype=np.int64), utilities=np.array(utilities, dtype=np.float64),
+                truncated=np.array(flags, dtype=bool))
+    slow = pb.ComputeRewardStatisticsRequest(run_id="r", group_sizes=sizes, token_counts=counts, utilities=utilities,
+                                             truncated=flags)
+    assert fast == slow
+    assert fast.SerializeToString() == slow.SerializeToString()
+    np.testing.assert_array_equal(array(fast.token_counts, np.int64), np.array(counts, dtype=np.int64))
+
+
+def test_nan_and_infinities_survive():
+    values = np.array([np.nan, np.inf, -np.inf, -0.0, 5e-324])
+    message = fill(pb.ComputeWeightStatsRequest(), q_values=values)
+    np.testing.assert_array_equal(array(message.q_values), values)
+
+
+def test_none_and_empty_leave_fields_unset():
+    message = fill(pb.ComputeWeightStatsRequest(), q_values=None, ref_logp_sum=np.empty(0))
+    assert len(message.q_values) == 0 and len(message.ref_logp_sum) == 0
+    assert message.SerializeToString() == b""
