@@ -99,3 +99,30 @@ def test_config_round_trips_through_the_server(client, run_id):
     assert run.config.target_entropy_start == 2.0 and run.config.meta_enabled
     assert run.config.q_temperature == 0.5 and run.config.q_epsilon == 1e-6
     assert run.state.active_target_entropy == 2.0
+
+
+def test_async_client_matches_sync(server, client, run_id):
+    import asyncio
+
+    from maxent_client import AsyncMaxEntClient
+
+    client.create_run(run_id, WeightingConfig(tau=0.5, beta=0.1))
+    utilities = [[0.3, 0.1, 0.9], [1.0, 2.0]]
+    sync_stats = client.compute_reward_statistics(utilities=utilities, run_id=run_id)
+
+    async def main():
+        async with AsyncMaxEntClient(server.target) as aclient:
+            stats = await aclient.compute_reward_statistics(utilities=utilities, run_id=run_id)
+            weights = await aclient.compute_weight_stats(run_id, q_values=stats.q_values, group_sizes=stats.group_sizes,
+                                                         ref_logp_sum=[-1, -2, -3, -4, -5], ref_token_counts=[1] * 5)
+            results = await asyncio.gather(*(aclient.update_controller(run_id, global_step=i, weight_entropy=0.2)
+                                             for i in range(1, 11)))
+            run = await aclient.get_run(run_id)
+            runs = await aclient.list_runs()
+            return stats, weights, results, run, runs
+
+    stats, weights, results, run, runs = asyncio.run(main())
+    np.testing.assert_array_equal(stats.q_values, sync_stats.q_values)
+    np.testing.assert_allclose([w.sum() for w in weights.grouped()["weights"]], 1.0)
+    assert sorted(r.state.version for r in results) == list(range(1, 11))
+    assert run.state.version == 10 and run_id in [r.run_id for r in runs]

@@ -10,6 +10,7 @@ Needs only grpcio, protobuf and numpy. The generated stubs live in
 maxent_client._generated for callers who want the raw messages.
 """
 
+from .aio import AsyncMaxEntClient
 from .client import MaxEntClient
 from .errors import (
     AlreadyExistsError,
@@ -42,6 +43,7 @@ from .models import (
 
 __all__ = [
     "AlreadyExistsError",
+    "AsyncMaxEntClient",
     "ControllerState",
     "DeadlineExceededError",
     "Denominator",

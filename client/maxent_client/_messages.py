@@ -1,0 +1,195 @@
+"""Request builders and response parsers shared by the sync and async clients."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _convert as cv
+from ._generated.maxent.v1 import maxent_pb2 as pb
+from ._wire import array, fill
+from .models import (
+    FailurePolicy,
+    RewardFunctionInfo,
+    RewardStatistics,
+    RewardTerm,
+    RewardValues,
+    SeedGrpo,
+    UpdateResult,
+    WeightStats,
+)
+
+
+def group_sizes_for(group_sizes: Any, primary: Any) -> np.ndarray:
+    """Explicit group sizes, or those of nested per-group inputs."""
+    if group_sizes is not None:
+        return cv.flat(group_sizes, np.int64)
+    sizes = cv.nested_sizes(primary) if primary is not None else None
+    if sizes is None:
+        raise ValueError("group_sizes is required unless the per-completion inputs are nested per group")
+    return np.asarray(sizes, dtype=np.int64)
+
+
+def _flat(values: Any, dtype: Any) -> np.ndarray | None:
+    return None if values is None else cv.flat(values, dtype)
+
+
+def set_optional(message: Any, **values: Any) -> None:
+    for name, value in values.items():
+        if value is not None:
+            setattr(message, name, value)
+
+
+def reward_request(
+    *,
+    utilities: Any = None,
+    completions: Any = None,
+    answers: Sequence[str] | None = None,
+    rewards: Sequence[RewardTerm] = (),
+    group_sizes: Any = None,
+    token_counts: Any = None,
+    truncated: Any = None,
+    gen_logp_sum: Any = None,
+    run_id: str = "",
+    q_temperature: float | None = None,
+    q_epsilon: float | None = None,
+    scale_rewards: bool | None = None,
+    zero_truncated_completion_rewards: bool | None = None,
+    max_completion_len: int | None = None,
+    seed_grpo: SeedGrpo | bool | None = None,
+    on_failure: FailurePolicy | None = None,
+) -> tuple[pb.ComputeRewardStatisticsRequest, np.ndarray]:
+    sizes = group_sizes_for(group_sizes, utilities if utilities is not None else completions)
+    request = pb.ComputeRewardStatisticsRequest(run_id=run_id)
+    fill(
+        request,
+        group_sizes=sizes,
+        utilities=_flat(utilities, np.float64),
+        token_counts=_flat(token_counts, np.int64),
+        truncated=_flat(truncated, np.bool_),
+        gen_logp_sum=_flat(gen_logp_sum, np.float64),
+    )
+    if completions is not None:
+        request.completions.extend(cv.strings(completions))
+    if answers is not None:
+        request.answers.extend(str(a) for a in answers)
+    for term in rewards:
+        request.rewards.add(name=term.name, weight=term.weight, params=dict(term.params))
+    set_optional(
+        request,
+        q_temperature=q_temperature,
+        q_epsilon=q_epsilon,
+        scale_rewards=scale_rewards,
+        zero_truncated_completion_rewards=zero_truncated_completion_rewards,
+        max_completion_len=max_completion_len,
+    )
+    if seed_grpo:
+        options = seed_grpo if isinstance(seed_grpo, SeedGrpo) else SeedGrpo()
+        request.seed_grpo.enabled = True
+        set_optional(request.seed_grpo, **options.__dict__)
+    if on_failure is not None:
+        request.on_failure = on_failure.value
+    return request, sizes
+
+
+def reward_result(reply: pb.ComputeRewardStatisticsResponse, sizes: np.ndarray) -> RewardStatistics:
+    return RewardStatistics(
+        group_sizes=sizes,
+        total_utils=array(reply.total_utils),
+        advantages=array(reply.advantages),
+        q_values=array(reply.q_values),
+        reward_mean=reply.reward_mean,
+        reward_std=reply.reward_std,
+        per_reward={
+            r.name: RewardValues(r.name, array(r.values), array(r.failed, np.bool_), r.failure_count, r.timeout_count)
+            for r in reply.per_reward
+        },
+        failed=array(reply.failed, np.bool_),
+        seed_semantic_entropies=array(reply.seed_semantic_entropies),
+        seed_advantage_scales=array(reply.seed_advantage_scales),
+    )
+
+
+def weight_request(
+    run_id: str,
+    *,
+    q_values: Any = None,
+    ref_logp_sum: Any = None,
+    ref_token_counts: Any = None,
+    group_sizes: Any = None,
+    advantages: Any = None,
+    include_reference_term: bool | None = None,
+    normalize_by_tokens: bool = False,
+) -> tuple[pb.ComputeWeightStatsRequest, np.ndarray]:
+    sizes = group_sizes_for(group_sizes, q_values if q_values is not None else advantages)
+    request = pb.ComputeWeightStatsRequest(run_id=run_id, normalize_by_tokens=normalize_by_tokens)
+    fill(
+        request,
+        group_sizes=sizes,
+        q_values=_flat(q_values, np.float64),
+        ref_logp_sum=_flat(ref_logp_sum, np.float64),
+        ref_token_counts=_flat(ref_token_counts, np.int64),
+        advantages=_flat(advantages, np.float64),
+    )
+    set_optional(request, include_reference_term=include_reference_term)
+    return request, sizes
+
+
+def weight_result(reply: pb.ComputeWeightStatsResponse, sizes: np.ndarray) -> WeightStats:
+    return WeightStats(
+        group_sizes=sizes,
+        weights=array(reply.weights),
+        weight_entropy=reply.weight_entropy,
+        weight_entropy_min=reply.weight_entropy_min,
+        weight_entropy_max=reply.weight_entropy_max,
+        advantage_entropy=array(reply.advantage_entropy),
+        group_weight_entropies=array(reply.group_weight_entropies),
+        tau=reply.tau,
+        beta=reply.beta,
+        controller_version=reply.controller_version,
+    )
+
+
+def update_request(
+    run_id: str,
+    request_id: str,
+    *,
+    global_step: int,
+    weight_entropy: float | None = None,
+    measured_kl: float | None = None,
+    tau_grad: float | None = None,
+    beta_grad: float | None = None,
+    lr_scale: float | None = None,
+    expected_version: int | None = None,
+) -> pb.UpdateControllerRequest:
+    request = pb.UpdateControllerRequest(run_id=run_id, request_id=request_id, global_step=global_step)
+    set_optional(
+        request,
+        weight_entropy=weight_entropy,
+        measured_kl=measured_kl,
+        tau_grad=tau_grad,
+        beta_grad=beta_grad,
+        lr_scale=lr_scale,
+        expected_version=expected_version,
+    )
+    return request
+
+
+def update_result(reply: pb.UpdateControllerResponse, request_id: str) -> UpdateResult:
+    return UpdateResult(cv.state_from_proto(reply.state), reply.replayed, request_id)
+
+
+def reward_functions(reply: pb.ListRewardFunctionsResponse) -> list[RewardFunctionInfo]:
+    return [
+        RewardFunctionInfo(
+            name=f.name,
+            description=f.description,
+            parameters=[
+                {"name": p.name, "description": p.description, "default": p.default_value, "required": p.required}
+                for p in f.parameters
+            ],
+            source=f.source,
+        )
+        for f in reply.reward_functions
+    ]

@@ -1,0 +1,207 @@
+"""The asyncio client: typed coroutines over the MaxEnt service's RPCs."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+import grpc
+
+from . import _convert as cv
+from . import _messages as msg
+from ._channel import ChannelSettings
+from ._generated.maxent.v1 import maxent_pb2 as pb
+from ._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from .errors import from_rpc_error
+from .models import (
+    FailurePolicy,
+    RewardFunctionInfo,
+    RewardStatistics,
+    RewardTerm,
+    Run,
+    SeedGrpo,
+    UpdateResult,
+    WeightingConfig,
+    WeightStats,
+)
+
+PemSource = bytes | str | Path | None
+
+
+class AsyncMaxEntClient:
+    """The asyncio twin of MaxEntClient (grpc.aio): the same options and
+    methods, each a coroutine. Create it inside a running event loop.
+
+    Calls a MaxEnt server at `target` ("host:port").
+
+    Every call has a deadline (`timeout` seconds, per client or per call).
+    UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED are retried by
+    gRPC's retry policy with exponential backoff and jitter (`max_attempts`
+    tries in all). TLS: `root_certificates` (CA bundle, PEM bytes or a path;
+    `tls=True` alone uses the system roots), plus `private_key` and
+    `certificate_chain` for mutual TLS. `token` is sent as
+    `authorization: Bearer <token>`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: PemSource = None,
+        private_key: PemSource = None,
+        certificate_chain: PemSource = None,
+        max_attempts: int = 5,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        max_message_mb: int = 64,
+        wait_for_ready: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.settings = ChannelSettings(
+            target=target, root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, tls=tls, token=token, max_attempts=max_attempts,
+            initial_backoff=initial_backoff, max_backoff=max_backoff, max_message_mb=max_message_mb, options=options,
+        )
+        self.target = target
+        self.timeout = timeout
+        self.wait_for_ready = wait_for_ready
+        self._metadata = self.settings.call_metadata()
+        self._channel = self.settings.aio_channel()
+        self._stub = pb_grpc.MaxEntServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncMaxEntClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        try:
+            return await getattr(self._stub, method)(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                wait_for_ready=self.wait_for_ready,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+
+    # -- runs ------------------------------------------------------------------
+
+    async def create_run(self, run_id: str, config: WeightingConfig | None = None, *, timeout: float | None = None) -> Run:
+        """Create a run (idempotent for an identical config)."""
+        request = pb.CreateRunRequest(run_id=run_id, config=cv.config_to_proto(config or WeightingConfig()))
+        return cv.run_from_proto((await self._call("CreateRun", request, timeout)).run)
+
+    async def get_run(self, run_id: str, *, timeout: float | None = None) -> Run:
+        return cv.run_from_proto((await self._call("GetRun", pb.GetRunRequest(run_id=run_id), timeout)).run)
+
+    async def iter_runs(self, *, page_size: int = 100, timeout: float | None = None) -> AsyncIterator[Run]:
+        """Every run, ordered by run_id, fetched a page at a time."""
+        token = ""
+        while True:
+            page = await self._call("ListRuns", pb.ListRunsRequest(page_size=page_size, page_token=token), timeout)
+            for r in page.runs:
+                yield cv.run_from_proto(r)
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def list_runs(self, *, page_size: int = 100, timeout: float | None = None) -> list[Run]:
+        return [run async for run in self.iter_runs(page_size=page_size, timeout=timeout)]
+
+    async def delete_run(self, run_id: str, *, timeout: float | None = None) -> None:
+        await self._call("DeleteRun", pb.DeleteRunRequest(run_id=run_id), timeout)
+
+    # -- computations ------------------------------------------------------------
+
+    async def compute_reward_statistics(
+        self,
+        *,
+        utilities: Any = None,
+        completions: Any = None,
+        answers: Sequence[str] | None = None,
+        rewards: Sequence[RewardTerm] = (),
+        group_sizes: Any = None,
+        token_counts: Any = None,
+        truncated: Any = None,
+        gen_logp_sum: Any = None,
+        run_id: str = "",
+        q_temperature: float | None = None,
+        q_epsilon: float | None = None,
+        scale_rewards: bool | None = None,
+        zero_truncated_completion_rewards: bool | None = None,
+        max_completion_len: int | None = None,
+        seed_grpo: SeedGrpo | bool | None = None,
+        on_failure: FailurePolicy | None = None,
+        timeout: float | None = None,
+    ) -> RewardStatistics:
+        """Utilities (precomputed, or from reward terms on completions), moments,
+        GRPO advantages and the listwise target q.
+
+        Per-completion inputs are flat with `group_sizes`, or nested per group
+        (then group_sizes is computed from `utilities` or `completions`)."""
+        request, sizes = msg.reward_request(
+            utilities=utilities, completions=completions, answers=answers, rewards=rewards, group_sizes=group_sizes,
+            token_counts=token_counts, truncated=truncated, gen_logp_sum=gen_logp_sum, run_id=run_id,
+            q_temperature=q_temperature, q_epsilon=q_epsilon, scale_rewards=scale_rewards,
+            zero_truncated_completion_rewards=zero_truncated_completion_rewards,
+            max_completion_len=max_completion_len, seed_grpo=seed_grpo, on_failure=on_failure,
+        )
+        return msg.reward_result(await self._call("ComputeRewardStatistics", request, timeout), sizes)
+
+    async def compute_weight_stats(
+        self,
+        run_id: str,
+        *,
+        q_values: Any = None,
+        ref_logp_sum: Any = None,
+        ref_token_counts: Any = None,
+        group_sizes: Any = None,
+        advantages: Any = None,
+        include_reference_term: bool | None = None,
+        normalize_by_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> WeightStats:
+        """MaxEnt weights from q and reference log-probs with the run's tau and beta."""
+        request, sizes = msg.weight_request(
+            run_id, q_values=q_values, ref_logp_sum=ref_logp_sum, ref_token_counts=ref_token_counts,
+            group_sizes=group_sizes, advantages=advantages, include_reference_term=include_reference_term,
+            normalize_by_tokens=normalize_by_tokens,
+        )
+        return msg.weight_result(await self._call("ComputeWeightStats", request, timeout), sizes)
+
+    # -- controller ----------------------------------------------------------------
+
+    async def update_controller(
+        self,
+        run_id: str,
+        *,
+        global_step: int,
+        weight_entropy: float | None = None,
+        measured_kl: float | None = None,
+        tau_grad: float | None = None,
+        beta_grad: float | None = None,
+        lr_scale: float | None = None,
+        expected_version: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> UpdateResult:
+        """Apply one controller step. A request_id is generated when none is
+        given; retries re-send it, so the update is applied once."""
+        request_id = request_id or uuid.uuid4().hex
+        request = msg.update_request(
+            run_id, request_id, global_step=global_step, weight_entropy=weight_entropy, measured_kl=measured_kl,
+            tau_grad=tau_grad, beta_grad=beta_grad, lr_scale=lr_scale, expected_version=expected_version,
+        )
+        return msg.update_result(await self._call("UpdateController", request, timeout), request_id)
+
+    async def list_reward_functions(self, *, timeout: float | None = None) -> list[RewardFunctionInfo]:
+        return msg.reward_functions(await self._call("ListRewardFunctions", pb.ListRewardFunctionsRequest(), timeout))

@@ -1,0 +1,294 @@
+"""maxentctl: operate a MaxEnt server from the terminal.
+
+    maxentctl health
+    maxentctl runs list | show RUN | create RUN [--config FILE] [--set KEY=VALUE ...] | delete RUN
+    maxentctl export RUN [--format service|seed] [-o FILE]
+    maxentctl import FILE [--run-id RUN] [--config FILE]
+    maxentctl watch RUN [--interval SECONDS] [--count N]
+
+Connection flags (every subcommand): --target (MAXENT_TARGET, default
+127.0.0.1:50051), --token (MAXENT_TOKEN), --tls-ca, --tls-cert, --tls-key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence, TextIO
+
+import grpc
+
+from .client import MaxEntClient
+from .errors import MaxEntError
+from .models import ControllerState, Denominator, Run, WeightingConfig
+
+_HEALTH_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+# -- JSON forms -------------------------------------------------------------------
+
+
+def config_to_json(config: WeightingConfig) -> dict[str, Any]:
+    out = dataclasses.asdict(config)
+    out["denominator"] = config.denominator.name
+    return out
+
+
+def config_from_json(data: dict[str, Any]) -> WeightingConfig:
+    known = set(WeightingConfig.field_names())
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    values = dict(data)
+    if "denominator" in values:
+        values["denominator"] = Denominator[str(values["denominator"]).upper()]
+    return WeightingConfig(**values)
+
+
+def state_to_json(state: ControllerState) -> dict[str, Any]:
+    out = dataclasses.asdict(state)
+    out["update_time"] = state.update_time.isoformat()
+    return out
+
+
+def run_to_json(run: Run) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "create_time": run.create_time.isoformat(),
+        "config": config_to_json(run.config),
+        "state": state_to_json(run.state),
+    }
+
+
+def seed_state(state: ControllerState) -> dict[str, float]:
+    """The published library's controller file: beta, tau, tau_log, tau_entropy_ema."""
+    ema = state.entropy_ema if state.entropy_ema is not None else math.nan
+    return {"beta": state.beta, "tau": state.tau, "tau_log": state.tau_log, "tau_entropy_ema": ema}
+
+
+# -- terminal output ----------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def print_table(rows: Sequence[Sequence[Any]], header: Sequence[str], out: TextIO) -> None:
+    cells = [list(header)] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for index, row in enumerate(cells):
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+        if index == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+# -- subcommands ----------------------------------------------------------------------
+
+
+def cmd_health(client: MaxEntClient, args: argparse.Namespace, out: TextIO) -> int:
+    channel = client._channel  # the health service shares the client's channel
+    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+    request = args.service.encode()
+    payload = (b"\x0a" + bytes([len(request)]) + request) if request else b""
+    try:
+        reply = check(payload, timeout=args.timeout)
+    except grpc.RpcError as error:
+        out.write(f"{error.code().name}: {error.details()}\n")
+        return 1
+    status = reply[1] if len(reply) >= 2 and reply[0] == 0x08 else 0  # field 1, varint
+    out.write(_HEALTH_NAMES.get(status, str(status)) + "\n")
+    return 0 if status == 1 else 1
+
+
+def cmd_runs_list(client: MaxEntClient, args: argparse.Namespace, out: TextIO) -> int:
+    rows = [
+        (r.run_id, r.state.tau, r.state.beta, r.state.entropy_ema, r.state.version, r.state.global_step,
+         r.state.update_time)
+        for r in client.iter_runs(page_size=args.page_size)
+    ]
+    print_table(rows, ["RUN", "TAU", "BETA", "ENTROPY_EMA", "VERSION", "STEP", "UPDATED"], out)
+    return 0
+
+
+def cmd_runs_show(client: MaxEntClient, args: argparse.Namespace, out: TextIO) -> int:
+    out.write(json.dumps(run_to_json(client.get_run(args.run_id)), indent=2) + "\n")
+    return 0
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _load_config(path: str | None, settings: Sequence[str]) -> WeightingConfig:
+    data: dict[str, Any] = {}
+    if path:
+        with open(path, encoding="utf-8") as handle:
+            loaded = json.load(handle)
+        data = loaded.get("config", loaded)
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        data[key.strip()] = _parse_value(value)
+    return config_from_json(data)
+
+
+def cmd_runs_create(client: MaxEntClient, args: argparse.Namespace, out: TextIO) -> int:
+    run = client.create_run(args.run_id, _load_config(args.config, args.set))
+    out.write(json.dumps(run_to_json(run), indent=2) + "\n")
+    return 0
+
+
+def cmd_runs_delete(client: MaxEntClient, args: argparse.Namespace, out: TextIO) -> int:
+    client.delete_run(args.run_id)
+    out.write(f"deleted {args.run_id}\n")
+    return 0
+
+
+def cmd_export(client: MaxEntClient, args: argparse.Namespace, out: TextIO) -> int:
+    run = client.get_run(args.run_id)
+    data = seed_state(run.state) if args.format == "seed" else run_to_json(run)
+    text = json.dumps(data, indent=2) + "\n"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        out.write(f"wrote {args.output}\n")
+    else:
+        out.write(text)
+    return 0
+
+
+def cmd_import(client: MaxEntClient, args: argparse.Namespace, out: TextIO) -> int:
+    """Create a run from an export: the config, with tau and beta taken from
+    the exported state. The controller restarts at version 0 (no entropy EMA)."""
+    with open(args.file, encoding="utf-8") as handle:
+        data = json.load(handle)
+    if "config" in data:  # service format
+        config = config_from_json(data["config"])
+        state = data.get("state", {})
+        run_id = args.run_id or data.get("run_id")
+    else:  # seed format: the controller file alone
+        config = _load_config(args.config, [])
+        state = data
+        run_id = args.run_id
+    if not run_id:
+        raise ValueError("--run-id is required for a seed-format file")
+    config = dataclasses.replace(config, tau=float(state.get("tau", config.tau)),
+                                 beta=float(state.get("beta", config.beta)))
+    run = client.create_run(run_id, config)
+    out.write(f"imported {run.run_id}: tau={_fmt(run.state.tau)} beta={_fmt(run.state.beta)}\n")
+    return 0
+
+
+def cmd_watch(client: MaxEntClient, args: argparse.Namespace, out: TextIO) -> int:
+    header = ["TIME", "VERSION", "STEP", "TAU", "BETA", "ENTROPY", "ENTROPY_EMA", "TARGET", "KL"]
+    out.write("  ".join(header) + "\n")
+    last_version = None
+    printed = 0
+    while args.count <= 0 or printed < args.count:
+        state = client.get_run(args.run_id).state
+        if state.version != last_version:
+            row = [state.update_time.strftime("%H:%M:%S"), state.version, state.global_step, state.tau, state.beta,
+                   state.last_weight_entropy, state.entropy_ema, state.active_target_entropy, state.last_measured_kl]
+            out.write("  ".join(_fmt(v) for v in row) + "\n")
+            out.flush()
+            last_version = state.version
+            printed += 1
+            continue
+        time.sleep(args.interval)
+    return 0
+
+
+# -- wiring ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maxentctl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=os.environ.get("MAXENT_TARGET", "127.0.0.1:50051"))
+    parser.add_argument("--token", default=os.environ.get("MAXENT_TOKEN"))
+    parser.add_argument("--tls-ca", help="CA bundle (PEM) to verify the server; enables TLS")
+    parser.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
+    parser.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    health = sub.add_parser("health", help="is the server SERVING?")
+    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    health.set_defaults(func=cmd_health)
+
+    runs = sub.add_parser("runs", help="list, show, create or delete runs").add_subparsers(dest="runs", required=True)
+    listing = runs.add_parser("list", help="one line per run")
+    listing.add_argument("--page-size", type=int, default=100)
+    listing.set_defaults(func=cmd_runs_list)
+    show = runs.add_parser("show", help="a run's config and state as JSON")
+    show.add_argument("run_id")
+    show.set_defaults(func=cmd_runs_show)
+    create = runs.add_parser("create", help="create a run")
+    create.add_argument("run_id")
+    create.add_argument("--config", help="JSON file: a WeightingConfig object (or an export)")
+    create.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config field (repeatable)")
+    create.set_defaults(func=cmd_runs_create)
+    delete = runs.add_parser("delete", help="delete a run and its controller")
+    delete.add_argument("run_id")
+    delete.set_defaults(func=cmd_runs_delete)
+
+    export = sub.add_parser("export", help="a run's config and controller state as JSON")
+    export.add_argument("run_id")
+    export.add_argument("--format", choices=["service", "seed"], default="service",
+                        help="service: config + state; seed: the published library's controller file")
+    export.add_argument("-o", "--output", help="write to this file instead of stdout")
+    export.set_defaults(func=cmd_export)
+
+    imp = sub.add_parser("import", help="create a run from an export")
+    imp.add_argument("file")
+    imp.add_argument("--run-id", help="run id (default: the one in the file)")
+    imp.add_argument("--config", help="config JSON for a seed-format file")
+    imp.set_defaults(func=cmd_import)
+
+    watch = sub.add_parser("watch", help="print tau, beta, entropy and version as they change")
+    watch.add_argument("run_id")
+    watch.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
+    watch.add_argument("--count", type=int, default=0, help="stop after N lines (default: never)")
+    watch.set_defaults(func=cmd_watch)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    client = MaxEntClient(args.target, token=args.token, root_certificates=args.tls_ca, private_key=args.tls_key,
+                          certificate_chain=args.tls_cert, timeout=args.timeout, max_attempts=2)
+    try:
+        return args.func(client, args, out)
+    except MaxEntError as error:
+        sys.stderr.write(f"maxentctl: {error}\n")
+        for violation in error.violations:
+            sys.stderr.write(f"  {violation.field}: {violation.description}\n")
+        return 2
+    except (OSError, ValueError) as error:
+        sys.stderr.write(f"maxentctl: {error}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
