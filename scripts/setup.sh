@@ -12,7 +12,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 extras="server"
 if [ "${1:-}" = "--test" ]; then
-    extras="server,test"
+    extras="server,test,integrations"
 fi
 # torch is pinned (pyproject.toml) to the CPU build that lies on this kind of
 # machine's disk; a GPU host installs the CUDA build of the same release first.

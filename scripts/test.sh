@@ -3,8 +3,23 @@
 # and the test suite (real servers on loopback ports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Real services the tests start themselves (Debian packages; CI runs as root).
+need=()
+command -v promtool >/dev/null || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+export MAXENT_REQUIRE_PROMTOOL=1
+
 bash scripts/setup.sh --test
 .venv/bin/python scripts/gen_proto.py --check
 (cd proto && ../.venv/bin/buf lint)
 echo "buf lint: clean"
+.venv/bin/hadolint Dockerfile && echo "hadolint: clean"
+promtool check config deploy/prometheus/prometheus.yml
+promtool check rules deploy/prometheus/rules.yml
+if command -v node >/dev/null 2>&1; then
+    (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
+fi
 .venv/bin/python -m pytest -q "$@"

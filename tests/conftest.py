@@ -10,6 +10,11 @@ from maxent_client import MaxEntClient
 from server_process import ServerProcess
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="long mode: 100 000 fuzz cases per RPC, more kill points, longer soak")
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     proc = ServerProcess(tmp_path_factory.mktemp("server") / "data",

@@ -37,8 +37,10 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
+        # The metrics endpoint is off unless a test asks for a port: several
+        # test servers (and other people's) share this machine.
         cmd = [sys.executable, "-m", "maxent_server", "--port", str(self.port), "--data-dir", str(self.data_dir),
-               "--device", "cpu", *self.extra_args]
+               "--device", "cpu", "--metrics-port", "0", *self.extra_args]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         self.wait_serving(timeout)

@@ -59,15 +59,20 @@ class ChannelSettings:
 
     def channel_options(self) -> list[tuple[str, Any]]:
         limit = self.max_message_mb * 1024 * 1024
-        return [
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", retry_service_config(max_attempts=self.max_attempts,
-                                                         initial_backoff=self.initial_backoff,
-                                                         max_backoff=self.max_backoff)),
+        options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            *self.options,
         ]
+        if self.max_attempts >= 2:  # gRPC's retry policy needs at least two attempts
+            options += [
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", retry_service_config(max_attempts=self.max_attempts,
+                                                             initial_backoff=self.initial_backoff,
+                                                             max_backoff=self.max_backoff)),
+            ]
+        else:
+            options.append(("grpc.enable_retries", 0))
+        return [*options, *self.options]
 
     def credentials(self) -> grpc.ChannelCredentials:
         creds = grpc.ssl_channel_credentials(

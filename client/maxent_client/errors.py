@@ -33,6 +33,14 @@ class MaxEntError(Exception):
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
 
+    def __reduce__(self):
+        # Keyword-only arguments: pickle (e.g. between ranks) needs the recipe.
+        return (_rebuild, (type(self), self.message, self.code, self.violations))
+
+
+def _rebuild(cls: type, message: str, code: grpc.StatusCode, violations: tuple) -> "MaxEntError":
+    return cls(message, code=code, violations=violations)
+
 
 class InvalidArgumentError(MaxEntError):
     code = grpc.StatusCode.INVALID_ARGUMENT

@@ -1,8 +1,10 @@
-"""Server assembly: the MaxEnt service, health, reflection, graceful shutdown."""
+"""Server assembly: the MaxEnt service, health, reflection, authentication,
+TLS, metrics endpoint, access log, graceful shutdown and SIGHUP token reload."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
@@ -15,9 +17,13 @@ from grpc_reflection.v1alpha import reflection
 from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 
+from .auth import Authorizer, TokenFileError
 from .engine import Engine
+from .interceptor import CallInterceptor
+from .metrics import Metrics, MetricsServer
 from .service import MaxEntServicer
 from .store import open_store
+from .tls import TlsConfigError, grpc_server_credentials, http_ssl_context, tls_files
 
 log = logging.getLogger("maxent_server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MaxEntService"].full_name
@@ -36,6 +42,42 @@ class ServerSettings:
     reward_timeout_seconds: float = 5.0
     load_plugins: bool = True
     torch_threads: int = 1
+    # Metrics endpoint: 0 = off (the maxent-server command defaults to 9464).
+    metrics_port: int = 0
+    metrics_host: str = ""  # "" = the gRPC host
+    metrics_max_runs: int = 1000
+    metrics_auth: bool = False  # /metrics needs a bearer token from auth_tokens
+    auth_tokens: str = ""  # token file; "" = no authentication (loopback only)
+    insecure_allow_remote: bool = False  # without auth_tokens, still bind a non-loopback host
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    access_log: bool = True
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work together; the message says which."""
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def restrict_to_loopback(host: str, authenticated: bool, allow_remote: bool) -> tuple[str, bool]:
+    """The host to bind and whether it was narrowed to loopback: without
+    authentication only loopback, unless remote access is allowed."""
+    if authenticated or allow_remote or is_loopback(host):
+        return host, False
+    return ("::1" if ":" in host else "127.0.0.1"), True
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class MaxEntServer:
@@ -44,9 +86,47 @@ class MaxEntServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.port: int | None = None
+        self.authorizer: Authorizer | None = None
+        self.metrics_server: MetricsServer | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        s = self.settings
+        try:
+            self.tls = tls_files(s.tls_cert, s.tls_key, s.tls_client_ca)
+            self.authorizer = Authorizer(s.auth_tokens) if s.auth_tokens else None
+        except (TlsConfigError, TokenFileError) as error:
+            raise ConfigError(str(error)) from None
+        if s.metrics_auth and self.authorizer is None:
+            raise ConfigError("--metrics-auth needs --auth-tokens")
+        authenticated = self.authorizer is not None
+        host, narrowed = restrict_to_loopback(s.host, authenticated, s.insecure_allow_remote)
+        metrics_host, metrics_narrowed = restrict_to_loopback(
+            s.metrics_host or s.host, authenticated, s.insecure_allow_remote
+        )
+        self.metrics: Metrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        if s.metrics_port:
+            self.metrics = Metrics(s.metrics_max_runs)
+            try:
+                self.metrics_server = MetricsServer(
+                    self.metrics,
+                    metrics_host,
+                    s.metrics_port,
+                    authorizer=self.authorizer if s.metrics_auth else None,
+                    ssl_context=http_ssl_context(self.tls) if self.tls else None,
+                ).start()
+            except OSError as error:
+                raise ConfigError(f"cannot serve metrics on {_address(metrics_host, s.metrics_port)}: {error}") from None
+        try:
+            await self._start_grpc(host)
+        except BaseException:
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+            raise
+        self._log_start(host, narrowed, metrics_narrowed and bool(s.metrics_port))
+
+    async def _start_grpc(self, host: str) -> None:
         s = self.settings
         self.store = open_store(s.state_store, s.data_dir)
         self.engine = Engine(s.device)
@@ -55,10 +135,14 @@ class MaxEntServer:
             # between concurrent calls on a busy CPU.
             torch.set_num_threads(s.torch_threads)
         self.rewards = _reward_runner(s)
-        self.servicer = MaxEntServicer(self.store, self.engine, self.rewards)
+        if self.metrics is not None and self.rewards is not None:
+            self.metrics.declare_rewards(f.name for f in self.rewards.list_functions())
+        self.servicer = MaxEntServicer(self.store, self.engine, self.rewards, observer=self.metrics)
         limit = s.max_message_mb * 1024 * 1024
+        interceptor = CallInterceptor(metrics=self.metrics, authorizer=self.authorizer, access_log=s.access_log)
         self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            interceptors=[interceptor],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         pb_grpc.add_MaxEntServiceServicer_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
@@ -67,19 +151,60 @@ class MaxEntServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
-        address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
-        self.port = self.server.add_insecure_port(address)
+        address = _address(host, s.port)
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(address, grpc_server_credentials(self.tls))
+        else:
+            self.port = self.server.add_insecure_port(address)
         await self.server.start()
         self.store.ping()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _log_start(self, host: str, narrowed: bool, metrics_narrowed: bool) -> None:
+        s = self.settings
+        transport = "plaintext" if self.tls is None else ("mutual TLS" if self.tls.mutual else "TLS")
         log.info(
-            "maxent-server listening on %s:%d (device %s, store %s)",
-            s.host,
+            "maxent-server listening on %s:%d (%s, device %s, store %s)",
+            host,
             self.port,
+            transport,
             self.engine.device,
             getattr(self.store, "path", s.state_store),
         )
+        if self.authorizer is not None:
+            log.info("authentication: %d tokens from %s (SIGHUP reloads the file)", self.authorizer.token_count,
+                     self.authorizer.path)
+        elif s.insecure_allow_remote and not is_loopback(host):
+            log.warning("authentication OFF and --insecure-allow-remote: anyone who reaches %s:%d can read, change "
+                        "and delete every run", host, self.port)
+        else:
+            log.warning("authentication OFF (no --auth-tokens): listening on loopback only")
+        for what, wanted, done in (("gRPC", s.host, narrowed), ("metrics", s.metrics_host or s.host, metrics_narrowed)):
+            if done:
+                log.warning("no --auth-tokens: %s bound to loopback instead of %s; give --auth-tokens FILE (or "
+                            "--insecure-allow-remote) to accept remote clients", what, wanted)
+        if self.metrics_server is not None:
+            scheme = "https" if self.metrics_server.tls else "http"
+            log.info("metrics on %s://%s/metrics (%s, at most %d runs)", scheme,
+                     _address(self.metrics_server.host, self.metrics_server.port),
+                     "bearer token required" if s.metrics_auth else "no token needed", s.metrics_max_runs)
+        else:
+            log.info("metrics endpoint off (--metrics-port 0)")
+        if s.tls_client_ca:
+            log.info("mutual TLS: clients need a certificate signed by %s", s.tls_client_ca)
+
+    def reload_tokens(self) -> None:
+        """SIGHUP: read the token file again; keep the old tokens when it is invalid."""
+        if self.authorizer is None:
+            log.info("SIGHUP: no --auth-tokens, nothing to reload")
+            return
+        try:
+            count = self.authorizer.reload()
+        except TokenFileError as error:
+            log.error("SIGHUP: kept the previous tokens: %s", error)
+            return
+        log.info("SIGHUP: reloaded %d tokens from %s", count, self.authorizer.path)
 
     async def stop(self) -> None:
         """Stop taking calls, finish those in flight within the grace period,
@@ -90,6 +215,8 @@ class MaxEntServer:
         log.info("draining: finishing calls in flight (grace %.1fs)", self.settings.grace_seconds)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_seconds)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.servicer.shutdown()
         if self.rewards is not None:
             self.rewards.close()
@@ -101,6 +228,7 @@ class MaxEntServer:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_tokens)
         await self.start()
         await stop.wait()
         await self.stop()

@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from .app import MaxEntServer, ServerSettings
+from .app import ConfigError, MaxEntServer, ServerSettings
+from .logs import configure_logging
 
 
 def default_data_dir() -> str:
@@ -20,6 +21,10 @@ def default_data_dir() -> str:
 
 def _env(name: str, default):
     return os.environ.get("MAXENT_" + name.upper().replace("-", "_"), default)
+
+
+def _env_flag(name: str) -> bool:
+    return _env(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-timeout-seconds", type=float, default=float(_env("reward-timeout-seconds", 5)), help="time limit per completion and reward (default 5)")
     p.add_argument("--no-plugins", action="store_true", default=_env("no-plugins", "") not in ("", "0", "false"), help="do not load maxent.rewards entry points")
     p.add_argument("--torch-threads", type=int, default=int(_env("torch-threads", 1)), help="torch intra-op threads on the CPU; 0 keeps torch's default (default 1)")
-    p.add_argument("--log-level", default=_env("log-level", "INFO"))
+    p.add_argument("--log-level", default=_env("log-level", "INFO"), help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    p.add_argument("--log-format", choices=("text", "json"), default=_env("log-format", "text"),
+                   help="text lines or one JSON object per line (default text)")
+    p.add_argument("--no-access-log", action="store_true", default=_env_flag("no-access-log"),
+                   help="do not log one line per RPC")
+    m = p.add_argument_group("metrics")
+    m.add_argument("--metrics-port", type=int, default=int(_env("metrics-port", 9464)),
+                   help="Prometheus /metrics port; 0 turns the endpoint off (default 9464)")
+    m.add_argument("--metrics-host", default=_env("metrics-host", ""),
+                   help="address of the metrics endpoint (default: --host)")
+    m.add_argument("--metrics-max-runs", type=int, default=int(_env("metrics-max-runs", 1000)),
+                   help="most runs with per-run series; the least recently touched is dropped first (default 1000)")
+    m.add_argument("--metrics-auth", action="store_true", default=_env_flag("metrics-auth"),
+                   help="/metrics needs a bearer token from --auth-tokens; a token sees only its runs' series")
+    a = p.add_argument_group("security")
+    a.add_argument("--auth-tokens", default=_env("auth-tokens", ""),
+                   help="JSON token file (see docs/operations.md); reloaded on SIGHUP. Without it the server binds "
+                        "only to loopback")
+    a.add_argument("--insecure-allow-remote", action="store_true", default=_env_flag("insecure-allow-remote"),
+                   help="without --auth-tokens, still bind a non-loopback --host (anyone reaching it controls every run)")
+    a.add_argument("--tls-cert", default=_env("tls-cert", ""), help="server certificate chain (PEM); turns on TLS")
+    a.add_argument("--tls-key", default=_env("tls-key", ""), help="private key of --tls-cert (PEM)")
+    a.add_argument("--tls-client-ca", default=_env("tls-client-ca", ""),
+                   help="CA bundle (PEM) for client certificates: mutual TLS, every client needs one")
     return p
 
 
@@ -44,8 +72,11 @@ def _int_or_none(value):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.metrics_port < 0 or args.metrics_max_runs < 1:
+        parser.error("--metrics-port must be >= 0 and --metrics-max-runs >= 1")
+    configure_logging(args.log_level, args.log_format, sys.stderr)
     settings = ServerSettings(
         host=args.host,
         port=args.port,
@@ -58,8 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         reward_timeout_seconds=args.reward_timeout_seconds,
         load_plugins=not args.no_plugins,
         torch_threads=args.torch_threads,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        metrics_max_runs=args.metrics_max_runs,
+        metrics_auth=args.metrics_auth,
+        auth_tokens=args.auth_tokens,
+        insecure_allow_remote=args.insecure_allow_remote,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        access_log=not args.no_access_log,
     )
-    asyncio.run(MaxEntServer(settings).serve_until_signal())
+    try:
+        asyncio.run(MaxEntServer(settings).serve_until_signal())
+    except ConfigError as error:
+        logging.getLogger("maxent_server").error("cannot start: %s", error)
+        return 2
     return 0
 
 

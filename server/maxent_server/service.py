@@ -43,11 +43,14 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         reward_threads: int = 4,
         store_threads: int = 4,
         clock: Callable[[], float] = time.time,
+        observer=None,
     ) -> None:
         self.store = store
         self.engine = engine
         self.rewards = rewards
         self.clock = clock
+        # Optional metrics.ServiceObserver: told about each reward evaluation.
+        self.observer = observer
         self._compute = ThreadPoolExecutor(compute_threads, thread_name_prefix="maxent-compute")
         self._reward_pool = ThreadPoolExecutor(reward_threads, thread_name_prefix="maxent-rewards")
         self._store_pool = ThreadPoolExecutor(store_threads, thread_name_prefix="maxent-store")
@@ -150,9 +153,12 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         """Utilities, the per-completion failure mask and per-reward values."""
         terms = inputs.terms
         answers = np.repeat(np.asarray(list(request.answers) or [""] * len(inputs.group_sizes), dtype=object), inputs.group_sizes)
+        started = time.perf_counter()
         evaluation = self.rewards.evaluate(
             terms, list(request.completions), answers.tolist(), inputs.token_counts, inputs.options.max_completion_len
         )
+        if self.observer is not None:
+            self.observer.rewards_evaluated([t.name for t in terms], evaluation, time.perf_counter() - started)
         failed_any = evaluation.failed.any(axis=0)
         if request.on_failure == pb.REWARD_FAILURE_POLICY_ERROR and failed_any.any():
             raise RewardFailures(_failure_list(terms, evaluation))

@@ -1,0 +1,154 @@
+"""One grpc.aio interceptor for what every unary call needs around the servicer:
+authentication and authorisation, Prometheus metrics, one access-log line.
+
+Per call, in order: count it in flight; for MaxEntService methods (health and
+reflection stay open) check the bearer token (UNAUTHENTICATED when missing or
+unknown), decode the request and check the token's role and run patterns
+against the method and ``request.run_id`` (PERMISSION_DENIED before the
+servicer runs, so a refused call changes nothing); run the servicer; encode
+the response; record metrics and log one line with the final status code.
+
+The wrapped handler takes and returns raw bytes so that the sizes in metrics
+and logs are the real wire sizes, at no extra cost.
+
+ListRuns under a token limited to some runs returns only those runs: pages
+are filled from as many store pages as needed, and the next-page token names
+the last run returned, so the caller never learns the ids of other runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import grpc
+
+from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
+
+from .auth import MAXENT_SERVICE, Authorizer, Principal
+from .logs import log_rpc
+from .metrics import Metrics, completions_in
+from .validation import MAX_PAGE_SIZE
+
+_BATCH_METHODS = frozenset({"ComputeRewardStatistics", "ComputeWeightStats"})
+_QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                             "grpc.reflection.v1.ServerReflection"})
+_DEFAULT_PAGE_SIZE = 100
+
+
+def _split(full_method: str) -> tuple[str, str]:
+    service, _, method = full_method.lstrip("/").partition("/")
+    return service, method
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, *, metrics: Metrics | None = None, authorizer: Authorizer | None = None,
+                 access_log: bool = True) -> None:
+        self.metrics = metrics
+        self.authorizer = authorizer
+        self.access_log = access_log
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            # Streaming methods are health Watch and reflection: open, not counted.
+            return handler
+        service, method = _split(handler_call_details.method)
+        return grpc.unary_unary_rpc_method_handler(self._wrap(handler, service, method))
+
+    def _wrap(self, handler, service: str, method: str):
+        inner = handler.unary_unary
+        deserialize = handler.request_deserializer
+        serialize = handler.response_serializer
+        protected = self.authorizer is not None and service == MAXENT_SERVICE
+        maxent = service == MAXENT_SERVICE
+        metrics = self.metrics
+
+        async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            if metrics is not None:
+                metrics.call_started(service, method)
+            code = grpc.StatusCode.OK
+            principal: Principal | None = None
+            request = None
+            response_bytes = 0
+            try:
+                if protected:
+                    principal = self.authorizer.authenticate(context.invocation_metadata())
+                    if principal is None:
+                        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+                request = deserialize(raw) if deserialize is not None else raw
+                if principal is not None:
+                    run_id = "" if method == "ListRuns" else getattr(request, "run_id", "")
+                    denial = Authorizer.denial(principal, method, run_id)
+                    if denial is not None:
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
+                if principal is not None and method == "ListRuns" and not principal.all_runs:
+                    response = await _list_visible_runs(inner, request, context, principal)
+                else:
+                    response = await inner(request, context)
+                out = serialize(response) if serialize is not None else response
+                response_bytes = len(out)
+                if metrics is not None and maxent:
+                    metrics.observe_response(method, request, response)
+                return out
+            except asyncio.CancelledError:
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                seconds = time.perf_counter() - started
+                if metrics is not None:
+                    metrics.call_finished(service, method, code.name, seconds, len(raw), response_bytes)
+                if self.access_log:
+                    _log_call(service, method, code, seconds, raw, response_bytes, request, principal, context)
+
+        return behavior
+
+
+def _log_call(service, method, code, seconds, raw, response_bytes, request, principal, context) -> None:
+    quiet = service in _QUIET_SERVICES
+    completions = None
+    if method in _BATCH_METHODS and request is not None and service == MAXENT_SERVICE:
+        completions = completions_in(request)
+    try:
+        peer = context.peer()
+    except Exception:  # noqa: BLE001 - the peer is only informative
+        peer = None
+    log_rpc(
+        10 if quiet else 20,  # DEBUG for health checks and reflection, INFO otherwise
+        method=method,
+        service=service,
+        run=getattr(request, "run_id", "") if request is not None and not isinstance(request, bytes) else "",
+        code=code.name,
+        duration_seconds=round(seconds, 6),
+        request_bytes=len(raw),
+        response_bytes=response_bytes,
+        completions=completions,
+        principal=principal.name if principal is not None else "",
+        peer=peer,
+    )
+
+
+async def _list_visible_runs(inner, request, context, principal: Principal):
+    """A ListRuns page holding only the runs `principal` may touch."""
+    if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+        return await inner(request, context)  # the servicer says what is wrong
+    size = request.page_size or _DEFAULT_PAGE_SIZE
+    visible: list = []
+    token = request.page_token
+    while True:
+        page = await inner(pb.ListRunsRequest(page_size=MAX_PAGE_SIZE, page_token=token), context)
+        visible.extend(run for run in page.runs if principal.may_access(run.run_id))
+        if len(visible) > size or not page.next_page_token:
+            break
+        token = page.next_page_token
+    response = pb.ListRunsResponse(runs=visible[:size])
+    if len(visible) > size:
+        response.next_page_token = base64.urlsafe_b64encode(visible[size - 1].run_id.encode()).decode()
+    return response

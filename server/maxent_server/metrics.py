@@ -1,0 +1,439 @@
+"""Prometheus metrics: per-RPC, reward evaluation, controller and per-run gauges,
+and the HTTP endpoint that serves them (``/metrics``, Prometheus text format).
+
+Every name starts with ``maxent_``, uses base units (seconds, bytes; entropies
+and KL in nats) and counters end in ``_total``. The run label is bounded: a
+deleted run's series disappear, and beyond ``max_runs`` runs the one touched
+longest ago is dropped (``maxent_metrics_runs_evicted_total`` counts those).
+
+How values get here: :class:`~maxent_server.interceptor.CallInterceptor` calls
+:meth:`Metrics.observe_call` for every unary call and
+:meth:`Metrics.observe_response` with each successful MaxEntService response
+(controller state, weight entropy, reward moments, completion counts); the
+servicer calls :meth:`Metrics.rewards_evaluated` (the :class:`ServiceObserver`
+interface) after each reward evaluation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import socket
+import ssl
+import threading
+from collections import OrderedDict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .auth import bearer_token
+
+log = logging.getLogger("maxent_server.metrics")
+
+MAXENT_SERVICE = "maxent.v1.MaxEntService"
+MAXENT_METHODS = (
+    "CreateRun",
+    "GetRun",
+    "ListRuns",
+    "DeleteRun",
+    "ComputeRewardStatistics",
+    "ComputeWeightStats",
+    "UpdateController",
+    "ListRewardFunctions",
+)
+RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+REWARD_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+COMPLETION_BUCKETS = tuple(float(4**k) for k in range(11))  # 1 .. 1 048 576
+
+# Created-timestamp series (`*_created`) double the exposition for no use here.
+disable_created_metrics()
+
+
+class ServiceObserver(Protocol):
+    """What the servicer reports; :class:`Metrics` implements it."""
+
+    def rewards_evaluated(self, names: Sequence[str], evaluation: Any, seconds: float) -> None:
+        """One RewardRunner.evaluate call: the term names in request order, its
+        Evaluation (``failed`` and ``timed_out`` masks [R, N]) and its wall time."""
+
+
+# -- per-run gauges --------------------------------------------------------------
+
+# (key, metric name, help)
+RUN_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("tau", "maxent_run_tau", "Entropy temperature tau of the run's controller."),
+    ("beta", "maxent_run_beta", "KL coefficient beta of the run's controller."),
+    ("weight_entropy", "maxent_run_weight_entropy_nats",
+     "Last weight entropy of the run, computed by ComputeWeightStats or sent with UpdateController (nats)."),
+    ("entropy_ema", "maxent_run_weight_entropy_ema_nats",
+     "Exponential moving average of the run's weight entropy kept by the controller (nats)."),
+    ("target_entropy", "maxent_run_target_entropy_nats", "Target weight entropy in force for the run (nats)."),
+    ("measured_kl", "maxent_run_kl_nats", "Last measured KL to the reference sent with UpdateController (nats)."),
+    ("reward_mean", "maxent_run_reward_mean", "Mean utility of the last ComputeRewardStatistics batch of the run."),
+    ("reward_std", "maxent_run_reward_std",
+     "Standard deviation of the utilities of the last ComputeRewardStatistics batch of the run."),
+    ("version", "maxent_run_controller_version", "Number of accepted controller updates of the run."),
+)
+_CONTROLLER_KEYS = frozenset({"tau", "beta", "entropy_ema", "target_entropy", "measured_kl", "version"})
+
+
+class RunGauges(Collector):
+    """Latest values per run, at most `max_runs` runs (least recently touched
+    dropped first)."""
+
+    def __init__(self, max_runs: int) -> None:
+        if max_runs < 1:
+            raise ValueError("max_runs must be >= 1")
+        self.max_runs = max_runs
+        self._runs: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._evicted = 0
+
+    def update(self, run_id: str, values: dict[str, float | None]) -> None:
+        """Set the given values (None: leave as is). Controller fields that
+        come with a version older than the one shown are ignored, so a slow
+        read never moves the gauges back."""
+        with self._lock:
+            current = self._runs.get(run_id)
+            if current is None:
+                current = self._runs[run_id] = {}
+            else:
+                self._runs.move_to_end(run_id)
+            version = values.get("version")
+            stale = version is not None and version < current.get("version", -1)
+            for key, value in values.items():
+                if value is None or (stale and key in _CONTROLLER_KEYS):
+                    continue
+                current[key] = float(value)
+            while len(self._runs) > self.max_runs:
+                self._runs.popitem(last=False)
+                self._evicted += 1
+
+    def remove(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {run: dict(values) for run, values in self._runs.items()}
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            runs = [(run, dict(values)) for run, values in self._runs.items()]
+            evicted = self._evicted
+        for key, name, documentation in RUN_FIELDS:
+            family = GaugeMetricFamily(name, documentation, labels=["run"])
+            for run, values in runs:
+                if key in values:
+                    family.add_metric([run], values[key])
+            yield family
+        yield GaugeMetricFamily("maxent_metrics_runs", "Runs that have per-run series now.", value=len(runs))
+        yield CounterMetricFamily(
+            "maxent_metrics_runs_evicted",
+            "Runs whose series were dropped because more than --metrics-max-runs runs had series.",
+            value=evicted,
+        )
+
+
+def _state_values(state) -> dict[str, float | None]:
+    """Gauge values from a maxent.v1.ControllerState message."""
+    has = state.HasField
+    return {
+        "tau": state.tau,
+        "beta": state.beta,
+        "entropy_ema": state.entropy_ema if has("entropy_ema") else None,
+        "target_entropy": state.active_target_entropy if has("active_target_entropy") else None,
+        "measured_kl": state.last_measured_kl if has("last_measured_kl") else None,
+        "weight_entropy": state.last_weight_entropy if has("last_weight_entropy") else None,
+        "version": state.version,
+    }
+
+
+def completions_in(request) -> int:
+    return int(sum(max(int(size), 0) for size in request.group_sizes))
+
+
+# -- the metric set ----------------------------------------------------------------
+
+
+class Metrics:
+    """Every metric of one server, in its own registry."""
+
+    def __init__(self, max_runs: int = 1000, *, process_metrics: bool = True) -> None:
+        r = self.registry = CollectorRegistry()
+        rpc_labels = ["service", "method", "code"]
+        self.requests = Counter(
+            "maxent_rpc_requests", "Finished RPCs by method and gRPC status code.", rpc_labels, registry=r
+        )
+        self.duration = Histogram(
+            "maxent_rpc_duration_seconds",
+            "Time from a request's arrival to its response, by method and gRPC status code.",
+            rpc_labels,
+            buckets=RPC_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "maxent_rpc_in_flight_requests", "RPCs being handled now.", ["service", "method"], registry=r
+        )
+        self.received_bytes = Counter(
+            "maxent_rpc_received_bytes", "Serialized request bytes received.", ["service", "method"], registry=r
+        )
+        self.sent_bytes = Counter(
+            "maxent_rpc_sent_bytes", "Serialized response bytes sent.", ["service", "method"], registry=r
+        )
+        self.completions = Histogram(
+            "maxent_request_completions",
+            "Completions per successful ComputeRewardStatistics or ComputeWeightStats request.",
+            ["method"],
+            buckets=COMPLETION_BUCKETS,
+            registry=r,
+        )
+        self.reward_duration = Histogram(
+            "maxent_reward_evaluation_duration_seconds",
+            "Wall time of each reward evaluation call that included this reward function.",
+            ["reward"],
+            buckets=REWARD_BUCKETS,
+            registry=r,
+        )
+        self.reward_evaluations = Counter(
+            "maxent_reward_evaluations", "Completions evaluated, by reward function.", ["reward"], registry=r
+        )
+        self.reward_failures = Counter(
+            "maxent_reward_failures",
+            "Completions whose reward function raised, timed out or lost its worker (timeouts included).",
+            ["reward"],
+            registry=r,
+        )
+        self.reward_timeouts = Counter(
+            "maxent_reward_timeouts", "Completions whose reward function ran out of time.", ["reward"], registry=r
+        )
+        self.controller_updates = Counter(
+            "maxent_controller_updates", "Controller updates applied (replays not included).", registry=r
+        )
+        self.controller_replays = Counter(
+            "maxent_controller_replays",
+            "UpdateController calls answered from an earlier application of the same request_id.",
+            registry=r,
+        )
+        info = Gauge("maxent_build_info", "Version of this server; always 1.", ["version"], registry=r)
+        info.labels(version=__version__).set(1)
+        self.runs = RunGauges(max_runs)
+        r.register(self.runs)
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        for method in MAXENT_METHODS:
+            self.requests.labels(MAXENT_SERVICE, method, "OK")
+            self.in_flight.labels(MAXENT_SERVICE, method)
+
+    # -- RPCs ----------------------------------------------------------------------
+
+    def call_started(self, service: str, method: str) -> None:
+        self.in_flight.labels(service, method).inc()
+
+    def call_finished(
+        self, service: str, method: str, code: str, seconds: float, request_bytes: int, response_bytes: int
+    ) -> None:
+        self.in_flight.labels(service, method).dec()
+        self.requests.labels(service, method, code).inc()
+        self.duration.labels(service, method, code).observe(seconds)
+        if request_bytes:
+            self.received_bytes.labels(service, method).inc(request_bytes)
+        if response_bytes:
+            self.sent_bytes.labels(service, method).inc(response_bytes)
+
+    def observe_response(self, method: str, request, response) -> None:
+        """Per-run gauges and counters from one successful MaxEntService call."""
+        if method == "UpdateController":
+            if response.replayed:
+                self.controller_replays.inc()
+            else:
+                self.controller_updates.inc()
+                self.runs.update(request.run_id, _state_values(response.state))
+        elif method in ("CreateRun", "GetRun"):
+            self.runs.update(response.run.run_id, _state_values(response.run.state))
+        elif method == "ComputeWeightStats":
+            self.completions.labels(method).observe(completions_in(request))
+            values: dict[str, float | None] = {
+                "tau": response.tau,
+                "beta": response.beta,
+                "version": response.controller_version,
+            }
+            if any(size > 0 for size in request.group_sizes):
+                values["weight_entropy"] = response.weight_entropy
+            self.runs.update(request.run_id, values)
+        elif method == "ComputeRewardStatistics":
+            self.completions.labels(method).observe(completions_in(request))
+            if request.run_id:
+                self.runs.update(request.run_id, {"reward_mean": response.reward_mean, "reward_std": response.reward_std})
+        elif method == "DeleteRun":
+            self.runs.remove(request.run_id)
+
+    # -- rewards (ServiceObserver) ---------------------------------------------------
+
+    def declare_rewards(self, names: Iterable[str]) -> None:
+        """Start the reward series at zero so rates exist from the first scrape."""
+        for name in names:
+            for counter in (self.reward_evaluations, self.reward_failures, self.reward_timeouts):
+                counter.labels(name)
+
+    def rewards_evaluated(self, names: Sequence[str], evaluation: Any, seconds: float) -> None:
+        failed = np.asarray(evaluation.failed, dtype=bool)
+        timed_out = np.asarray(evaluation.timed_out, dtype=bool)
+        n = failed.shape[1] if failed.ndim == 2 else 0
+        totals: dict[str, list[int]] = {}
+        for r, name in enumerate(names):
+            entry = totals.setdefault(name, [0, 0, 0])
+            entry[0] += n
+            if r < failed.shape[0]:
+                entry[1] += int(failed[r].sum())
+                entry[2] += int(timed_out[r].sum())
+        for name, (evaluated, failures, timeouts) in totals.items():
+            self.reward_duration.labels(name).observe(seconds)
+            self.reward_evaluations.labels(name).inc(evaluated)
+            self.reward_failures.labels(name).inc(failures)
+            self.reward_timeouts.labels(name).inc(timeouts)
+
+    # -- exposition ------------------------------------------------------------------
+
+    def render(self, accept: str = "", run_filter: Callable[[str], bool] | None = None) -> tuple[bytes, str]:
+        """The exposition in the format `accept` asks for (text 0.0.4 by
+        default), keeping only the runs `run_filter` allows."""
+        encoder, content_type = choose_encoder(accept)
+        source = self.registry if run_filter is None else _RunFilteredView(self.registry, run_filter)
+        return encoder(source), content_type
+
+
+class _RunFilteredView:
+    """A registry view without the samples of runs a token may not see."""
+
+    def __init__(self, registry: CollectorRegistry, allow: Callable[[str], bool]) -> None:
+        self.registry = registry
+        self.allow = allow
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self.registry.collect():
+            if not any("run" in s.labels for s in metric.samples):
+                yield metric
+                continue
+            kept = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            kept.samples = [s for s in metric.samples if "run" not in s.labels or self.allow(s.labels["run"])]
+            yield kept
+
+
+# -- the HTTP endpoint ---------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_HttpServer"
+    protocol_version = "HTTP/1.1"
+    timeout = 30
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        path = self.path.split("?", 1)[0]
+        if path not in ("/metrics", "/metrics/"):
+            self._reply(404, b"not found; metrics are at /metrics\n", "text/plain; charset=utf-8")
+            return
+        run_filter = None
+        authorizer = self.server.authorizer
+        if authorizer is not None:
+            token = _bearer(self.headers.get("Authorization", ""))
+            principal = authorizer.authenticate_token(token)
+            if principal is None:
+                self._reply(401, b"missing or unknown bearer token\n", "text/plain; charset=utf-8",
+                            [("WWW-Authenticate", 'Bearer realm="maxent-metrics"')])
+                return
+            if not principal.all_runs:
+                run_filter = principal.may_access
+        body, content_type = self.server.metrics.render(self.headers.get("Accept", ""), run_filter)
+        headers = []
+        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
+            body = gzip.compress(body, compresslevel=5)
+            headers.append(("Content-Encoding", "gzip"))
+        self._reply(200, body, content_type, headers)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._reply(405, b"", "text/plain; charset=utf-8", [("Allow", "GET")])
+
+    def _reply(self, status: int, body: bytes, content_type: str, headers: list[tuple[str, str]] = ()) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in headers:
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
+        log.debug("metrics %s - " + format, self.client_address[0], *args)
+
+
+def _bearer(header: str) -> str | None:
+    return bearer_token([("authorization", header)])
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    metrics: Metrics
+    authorizer: Any
+    ssl_context: ssl.SSLContext | None
+
+    def finish_request(self, request, client_address) -> None:
+        # Runs in the connection's own thread: a slow TLS handshake never
+        # holds up accepting other scrapes.
+        request.settimeout(_Handler.timeout)
+        if self.ssl_context is not None:
+            request = self.ssl_context.wrap_socket(request, server_side=True)
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("metrics request from %s failed", client_address[0], exc_info=True)
+
+
+class MetricsServer:
+    """`/metrics` over HTTP (HTTPS with `ssl_context`) in a background thread.
+    With an `authorizer`, a valid bearer token is required and a token limited
+    to some runs sees only those runs' series."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int, *, authorizer=None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        server_class = type("_Server", (_HttpServer,), {"address_family": _family(host)})
+        self._httpd = server_class((host, port), _Handler)
+        self._httpd.metrics = metrics
+        self._httpd.authorizer = authorizer
+        self._httpd.ssl_context = ssl_context
+        self.host = host
+        self.port: int = self._httpd.server_address[1]
+        self.tls = ssl_context is not None
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="maxent-metrics", daemon=True)
+
+    def start(self) -> "MetricsServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(10)
+        self._httpd.server_close()
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
