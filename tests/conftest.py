@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -13,6 +14,11 @@ from server_process import ServerProcess
 def pytest_addoption(parser):
     parser.addoption("--long", action="store_true", default=False,
                      help="long mode: 100 000 fuzz cases per RPC, more kill points, longer soak")
+
+
+def pytest_configure(config):
+    if config.getoption("--long"):
+        os.environ.setdefault("MAXENT_FUZZ_EXAMPLES", "100000")
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ request changes no state."""
 
 from __future__ import annotations
 
+import os
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -18,11 +20,15 @@ from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 RUN = "fuzz/probe"
 DELIBERATE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
               grpc.StatusCode.ABORTED, grpc.StatusCode.ALREADY_EXISTS}
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+# 1 000 cases per RPC in CI; `pytest --long` sets MAXENT_FUZZ_EXAMPLES=100000.
+EXAMPLES = int(os.environ.get("MAXENT_FUZZ_EXAMPLES", "1000"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1e308, -1e-300]))
 counts = st.integers(min_value=-5, max_value=40)
-sizes = st.lists(st.integers(min_value=-2, max_value=6), max_size=6)
+sizes = st.one_of(st.lists(st.integers(min_value=-2, max_value=6), max_size=6),
+                  st.lists(st.sampled_from([0, 1, 2**31, 2**62, -(2**63)]), max_size=3))
+texts = st.one_of(st.text(max_size=20), st.sampled_from(["\u0000", "é\U0001F600", "x" * 100_000, "\\boxed{" * 50]))
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +74,21 @@ def _check(stub, method, request):
 @given(group_sizes=sizes, utilities=st.lists(floats, max_size=12), token_counts=st.lists(counts, max_size=12),
        truncated=st.lists(st.booleans(), max_size=12), gen_logp=st.lists(floats, max_size=12),
        q_temperature=st.none() | floats, q_epsilon=st.none() | floats, max_len=st.none() | counts,
-       seed=st.booleans(), completions=st.lists(st.text(max_size=20), max_size=12), on_failure=st.integers(0, 6))
+       seed=st.booleans(), completions=st.lists(texts, max_size=12), on_failure=st.integers(-1, 6),
+       answers=st.lists(texts, max_size=4), reward_names=st.lists(st.sampled_from(
+           ["format", "boxed_accuracy", "missing_boxed_penalty", "length", "math_accuracy", "nope", ""]), max_size=3),
+       params=st.dictionaries(st.sampled_from(["max_len", "x", ""]), texts, max_size=2),
+       run=st.sampled_from([RUN, "", "missing-run", "bad id!"]))
 def test_compute_reward_statistics(stub, group_sizes, utilities, token_counts, truncated, gen_logp, q_temperature,
-                                   q_epsilon, max_len, seed, completions, on_failure):
+                                   q_epsilon, max_len, seed, completions, on_failure, answers, reward_names, params,
+                                   run):
     request = pb.ComputeRewardStatisticsRequest(
-        run_id=RUN, group_sizes=group_sizes, utilities=utilities, token_counts=token_counts, truncated=truncated,
+        run_id=run, group_sizes=group_sizes, utilities=utilities, token_counts=token_counts, truncated=truncated,
         gen_logp_sum=gen_logp, completions=completions, on_failure=on_failure, zero_truncated_completion_rewards=True,
+        answers=answers,
     )
+    for name in reward_names:
+        request.rewards.add(name=name, weight=1.0, params=params)
     if q_temperature is not None:
         request.q_temperature = q_temperature
     if q_epsilon is not None:
@@ -99,10 +113,11 @@ def test_compute_weight_stats(stub, group_sizes, q, ref, counts_, include, by_to
 
 @FUZZ
 @given(step=st.integers(-3, 10**12), entropy=st.none() | floats, kl=st.none() | floats, tau_grad=st.none() | floats,
-       lr_scale=st.none() | floats, expected=st.none() | st.integers(-2, 5), request_id=st.text(max_size=140))
+       lr_scale=st.none() | floats, expected=st.none() | st.integers(-2, 5), request_id=st.text(max_size=140),
+       run=st.sampled_from([RUN, RUN, "", "missing-run", "bad id!"]))
 def test_update_controller_rejections_change_nothing(stub, step, entropy, kl, tau_grad, lr_scale, expected,
-                                                     request_id):
-    request = pb.UpdateControllerRequest(run_id=RUN, global_step=step, request_id=request_id)
+                                                     request_id, run):
+    request = pb.UpdateControllerRequest(run_id=run, global_step=step, request_id=request_id)
     for name, value in (("weight_entropy", entropy), ("measured_kl", kl), ("tau_grad", tau_grad),
                         ("lr_scale", lr_scale)):
         if value is not None:
@@ -128,6 +143,17 @@ def test_create_run(stub, run_id, tau, beta, q_eps, denominator, tau_min, tau_ma
     code = _check(stub, stub.CreateRun, pb.CreateRunRequest(run_id=run_id, config=config))
     if code == grpc.StatusCode.OK:
         stub.DeleteRun(pb.DeleteRunRequest(run_id=run_id))
+
+
+@FUZZ
+@given(run_id=st.one_of(st.text(max_size=140), st.sampled_from([RUN, "x" * 129, "a/b:c.d-e_f"])),
+       page_size=st.integers(-5, 5000), page_token=st.one_of(st.text(max_size=30), st.sampled_from(["", "YQ==", "%%"])))
+def test_read_and_delete_rpcs(stub, run_id, page_size, page_token):
+    _check(stub, stub.GetRun, pb.GetRunRequest(run_id=run_id))
+    _check(stub, stub.ListRuns, pb.ListRunsRequest(page_size=page_size, page_token=page_token))
+    _check(stub, stub.ListRewardFunctions, pb.ListRewardFunctionsRequest())
+    if run_id != RUN:  # deleting the probe run would be a deliberate state change
+        _check(stub, stub.DeleteRun, pb.DeleteRunRequest(run_id=run_id))
 
 
 def test_oversize_message_is_resource_exhausted(stub):
