@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 # Real services the tests start themselves (Debian packages; CI runs as root).
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
+command -v redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi

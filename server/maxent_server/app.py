@@ -22,7 +22,7 @@ from .engine import Engine
 from .interceptor import CallInterceptor
 from .metrics import Metrics, MetricsServer
 from .service import MaxEntServicer
-from .store import open_store
+from .store import StoreError, open_store
 from .tls import TlsConfigError, grpc_server_credentials, http_ssl_context, tls_files
 
 log = logging.getLogger("maxent_server")
@@ -129,6 +129,12 @@ class MaxEntServer:
     async def _start_grpc(self, host: str) -> None:
         s = self.settings
         self.store = open_store(s.state_store, s.data_dir)
+        try:
+            # Before binding: a store that never answers fails the start (a
+            # Redis store waits its startup_wait first) without blocking the loop.
+            await asyncio.get_running_loop().run_in_executor(None, self.store.ping)
+        except StoreError as error:
+            raise ConfigError(f"state store not reachable: {error}") from None
         self.engine = Engine(s.device)
         if s.torch_threads > 0:
             # Small per-call tensors: intra-op threads mostly add contention
@@ -157,7 +163,6 @@ class MaxEntServer:
         else:
             self.port = self.server.add_insecure_port(address)
         await self.server.start()
-        self.store.ping()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -235,9 +240,6 @@ class MaxEntServer:
 
 
 def _reward_runner(s: ServerSettings):
-    try:
-        from .rewards import RewardRunner
-    except ImportError:  # TEMP-REWARDS
-        return None
+    from .rewards import RewardRunner
 
     return RewardRunner(workers=s.reward_workers, timeout_seconds=s.reward_timeout_seconds, load_plugins=s.load_plugins)

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(_env("port", 50051)), help="gRPC port; 0 picks a free one (default 50051)")
     p.add_argument("--data-dir", default=_env("data-dir", default_data_dir()), help="folder of the SQLite state (default: per-user data folder)")
-    p.add_argument("--state-store", default=_env("state-store", ""), help="state store URL; empty = SQLite in --data-dir")
+    p.add_argument("--state-store", default=_env("state-store", ""), help="state store URL: empty = SQLite in --data-dir; redis://[:PASSWORD@]HOST:PORT/DB?prefix=... or rediss://... = shared Redis for several replicas (docs/redis.md)")
     p.add_argument("--device", default=_env("device", "auto"), help="torch device: auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--max-message-mb", type=int, default=int(_env("max-message-mb", 64)), help="largest request or response, MiB (default 64)")
     p.add_argument("--grace-seconds", type=float, default=float(_env("grace-seconds", 10)), help="time to finish calls in flight on SIGTERM (default 10)")

@@ -17,7 +17,12 @@ from .sqlite import SqliteStore
 
 
 def open_store(url: str, data_dir: str) -> RunStore:
-    """Open the store named by `url` ('' or 'sqlite' = the embedded default)."""
+    """Open the store named by `url` ('' or 'sqlite' = the embedded default;
+    redis:// or rediss:// = the shared Redis store, see store/redis.py)."""
+    if url.startswith(("redis://", "rediss://")):
+        from .redis import RedisStore  # imported only when asked for: needs the redis package
+
+        return RedisStore.from_url(url)
     if url in ("", "sqlite"):
         return SqliteStore(Path(data_dir) / SqliteStore.FILENAME)
     if url.startswith("sqlite:///"):

@@ -1,0 +1,562 @@
+"""The Redis store on its own, against a real redis-server on a loopback port:
+the RunStore contract (as for SQLite), several store objects standing in for
+several replicas, request-id retention and expiry, key prefixes, AUTH, ACLs,
+TLS, and what happens while Redis is away."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import pytest
+import redis
+
+from maxent_server.engine import ControllerState, RunConfig
+from maxent_server.store import RunConflict, RunNotFound, StoreUnavailable, VersionMismatch, open_store
+from maxent_server.store.redis import RedisSettings, RedisStore, store_from_url
+from redis_process import REDIS_SERVER, SKIP_REASON, RedisProcess, make_tls_files
+
+# Only a missing redis-server binary skips; the redis package is a server dependency.
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)
+
+def bump(config: RunConfig, state: ControllerState) -> ControllerState:
+    return replace(state, version=state.version + 1, beta=state.beta + 1.0)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def prefix(request):
+    return f"t-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture()
+def url(redis_server, prefix):
+    return redis_server.url(prefix=prefix, timeout=2, startup_wait=0)
+
+
+@pytest.fixture()
+def store(url):
+    s = store_from_url(url, retention=5)
+    s.ping()
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+def raw(redis_server):
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, decode_responses=True)
+    yield client
+    client.close()
+
+
+# -- the RunStore contract --------------------------------------------------------
+
+
+def test_open_store_dispatches_redis_urls(url):
+    s = open_store(url, "/nonexistent")
+    try:
+        assert isinstance(s, RedisStore)
+        s.ping()
+    finally:
+        s.close()
+
+
+def test_create_is_idempotent_for_the_same_config(store):
+    record, created = store.create_run("a", RunConfig(tau=1.0), now=1.5)
+    again, created_again = store.create_run("a", RunConfig(tau=1.0), now=2.0)
+    assert created and not created_again and again == record
+    assert store.get_run("a") == record and record.create_time == 1.5
+    with pytest.raises(RunConflict):
+        store.create_run("a", RunConfig(tau=2.0), now=3.0)
+
+
+def test_config_and_state_round_trip_exactly(store):
+    config = RunConfig(tau=0.1 + 0.2, beta=1e-300, target_entropy_start=1.0, target_entropy_final=0.25,
+                       target_entropy_horizon=7, tau_max=0.0, meta_enabled=True)
+    store.create_run("exact", config, now=1234567890.123456)
+
+    def weird(config, state):
+        return replace(state, version=state.version + 1, tau=float("inf"), entropy_ema=1 / 3)
+
+    store.update_controller("exact", "r", None, weird)
+    got = store.get_run("exact")
+    assert got.config == config and got.create_time == 1234567890.123456
+    assert got.state.tau == float("inf") and got.state.entropy_ema == 1 / 3
+
+
+def test_get_and_delete_unknown_runs(store):
+    with pytest.raises(RunNotFound):
+        store.get_run("nope")
+    with pytest.raises(RunNotFound):
+        store.delete_run("nope")
+    with pytest.raises(RunNotFound):
+        store.update_controller("nope", "r", None, bump)
+
+
+def test_replay_returns_the_first_result(store):
+    store.create_run("a", RunConfig(tau=1.0), now=1.0)
+    first = store.update_controller("a", "req-1", None, bump)
+    second = store.update_controller("a", "req-1", None, bump)
+    assert not first.replayed and second.replayed and second.state == first.state
+    assert store.get_run("a").state.version == 1
+
+
+def test_replay_is_checked_before_expected_version(store):
+    store.create_run("a", RunConfig(), now=1.0)
+    first = store.update_controller("a", "req-1", 0, bump)
+    store.update_controller("a", "req-2", 1, bump)
+    again = store.update_controller("a", "req-1", 0, bump)  # stale expected_version, but a replay
+    assert again.replayed and again.state == first.state
+
+
+def test_expected_version_and_failed_step_change_nothing(store):
+    store.create_run("a", RunConfig(tau=1.0), now=1.0)
+    with pytest.raises(VersionMismatch) as info:
+        store.update_controller("a", "x", 3, bump)
+    assert (info.value.expected, info.value.actual) == (3, 0)
+
+    def broken(config, state):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        store.update_controller("a", "y", None, broken)
+    assert store.get_run("a").state.version == 0
+    assert not store.update_controller("a", "y", None, bump).replayed  # "y" was not recorded
+    assert store.update_controller("a", "z", 1, bump).state.version == 2
+
+
+def test_updates_without_request_id_all_apply(store):
+    store.create_run("a", RunConfig(), now=1.0)
+    for _ in range(3):
+        assert not store.update_controller("a", "", None, bump).replayed
+    assert store.get_run("a").state.version == 3
+
+
+def test_request_ids_are_kept_for_the_retention_window(store, raw, prefix):
+    store.create_run("a", RunConfig(tau=1.0), now=1.0)
+    for i in range(8):
+        store.update_controller("a", f"r{i}", None, bump)
+    assert raw.hlen(f"{prefix}:req:a") == 5 and raw.zcard(f"{prefix}:reqv:a") == 5
+    assert store.update_controller("a", "r7", None, bump).replayed
+    assert store.update_controller("a", "r3", None, bump).replayed  # within the last 5
+    assert not store.update_controller("a", "r0", None, bump).replayed  # forgotten
+
+
+def test_default_retention_is_at_least_ten_thousand(url):
+    from maxent_server.store import REQUEST_ID_RETENTION
+
+    assert RedisSettings.from_url(url).retention >= REQUEST_ID_RETENTION >= 10_000
+
+
+def test_request_id_memory_expires(url, raw, prefix):
+    s = store_from_url(url, request_id_ttl=1)
+    try:
+        s.create_run("a", RunConfig(), now=1.0)
+        s.update_controller("a", "r1", None, bump)
+        left = raw.pttl(f"{prefix}:req:a")
+        assert left == -2 or 0 < left <= 1000  # -2: already gone on a slow machine
+        deadline = time.monotonic() + 60
+        while raw.exists(f"{prefix}:req:a", f"{prefix}:reqv:a") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not raw.exists(f"{prefix}:req:a", f"{prefix}:reqv:a")
+        assert not s.update_controller("a", "r1", None, bump).replayed  # forgotten after the expiry
+        assert s.get_run("a").state.version == 2  # the run itself never expires
+        assert raw.ttl(f"{prefix}:run:a") == -1
+    finally:
+        s.close()
+
+
+def test_list_runs_is_ordered_and_pages(store):
+    ids = ["b", "a/2", "a", "c:1", "B", "a-1", "z" * 128]
+    for run_id in ids:
+        store.create_run(run_id, RunConfig(), now=1.0)
+    assert [r.run_id for r in store.list_runs(None, 100)] == sorted(ids)
+    pages, after = [], None
+    while True:
+        page = store.list_runs(after, 2)
+        if not page:
+            break
+        pages.append([r.run_id for r in page])
+        after = page[-1].run_id
+    assert sum(pages, []) == sorted(ids) and all(len(p) <= 2 for p in pages)
+    assert store.list_runs("b", 10)[0].run_id == "c:1"
+    assert store.list_runs(None, 0) == []
+
+
+def test_delete_removes_every_key_of_the_run(store, raw, prefix):
+    store.create_run("a", RunConfig(), now=1.0)
+    store.create_run("keep", RunConfig(), now=1.0)
+    store.update_controller("a", "r1", None, bump)
+    store.delete_run("a")
+    assert sorted(raw.keys(f"{prefix}:*")) == [f"{prefix}:run:keep", f"{prefix}:runs"]
+    assert [r.run_id for r in store.list_runs(None, 10)] == ["keep"]
+    with pytest.raises(RunNotFound):
+        store.get_run("a")
+    # The id is free again, with a fresh controller and no request ids.
+    store.create_run("a", RunConfig(tau=2.0), now=2.0)
+    assert not store.update_controller("a", "r1", None, bump).replayed
+    assert store.get_run("a").state.version == 1
+
+
+# -- several writers -----------------------------------------------------------------
+
+
+def test_concurrent_updates_from_several_store_objects_count_exactly(url):
+    replicas = [store_from_url(url) for _ in range(3)]
+    try:
+        replicas[0].create_run("a", RunConfig(tau=1.0), now=1.0)
+        with ThreadPoolExecutor(12) as pool:
+            outcomes = list(pool.map(lambda i: replicas[i % 3].update_controller("a", f"req-{i}", None, bump),
+                                     range(300)))
+        state = replicas[1].get_run("a").state
+        assert state.version == 300 and state.beta == 300.0
+        # Every accepted update saw a distinct predecessor: versions 1..300 once each.
+        assert sorted(o.state.version for o in outcomes) == list(range(1, 301))
+        assert all(o.state.beta == o.state.version for o in outcomes)
+    finally:
+        for s in replicas:
+            s.close()
+
+
+def test_the_same_request_id_on_every_replica_at_once_applies_once(url):
+    replicas = [store_from_url(url) for _ in range(4)]
+    try:
+        replicas[0].create_run("a", RunConfig(), now=1.0)
+        for round_ in range(20):
+            barrier = threading.Barrier(4)
+
+            def send(s):
+                barrier.wait()
+                return s.update_controller("a", f"same-{round_}", None, bump)
+
+            with ThreadPoolExecutor(4) as pool:
+                outcomes = list(pool.map(send, replicas))
+            assert sum(not o.replayed for o in outcomes) == 1
+            assert len({o.state for o in outcomes}) == 1
+        assert replicas[0].get_run("a").state.version == 20
+    finally:
+        for s in replicas:
+            s.close()
+
+
+def test_a_write_between_read_and_commit_is_not_lost(url):
+    """The step runs between the read and the compare-and-set: another
+    replica's write there makes this one start again from the new state."""
+    mine, other = store_from_url(url), store_from_url(url)
+    try:
+        mine.create_run("a", RunConfig(), now=1.0)
+        seen: list[int] = []
+
+        def interfering(config, state):
+            seen.append(state.version)
+            if len(seen) == 1:
+                other.update_controller("a", "other", None, bump)
+            return bump(config, state)
+
+        outcome = mine.update_controller("a", "mine", None, interfering)
+        assert seen == [0, 1] and outcome.state.version == 2 and outcome.state.beta == 2.0
+        assert mine.get_run("a").state.version == 2
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_expected_version_is_checked_against_the_fresh_state_after_a_conflict(url):
+    mine, other = store_from_url(url), store_from_url(url)
+    try:
+        mine.create_run("a", RunConfig(), now=1.0)
+
+        def interfering(config, state):
+            other.update_controller("a", "", None, bump)
+            return bump(config, state)
+
+        with pytest.raises(VersionMismatch):
+            mine.update_controller("a", "mine", 0, interfering)
+        assert mine.get_run("a").state.version == 1
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_a_run_deleted_and_recreated_mid_update_gets_the_update_on_its_new_self(url):
+    mine, other = store_from_url(url), store_from_url(url)
+    try:
+        mine.create_run("a", RunConfig(tau=1.0), now=1.0)
+        mine.update_controller("a", "", None, bump)
+        configs: list[RunConfig] = []
+
+        def interfering(config, state):
+            configs.append(config)
+            if len(configs) == 1:
+                other.delete_run("a")
+                other.create_run("a", RunConfig(tau=2.0), now=2.0)
+            return bump(config, state)
+
+        outcome = mine.update_controller("a", "r", None, interfering)
+        assert configs == [RunConfig(tau=1.0), RunConfig(tau=2.0)]
+        assert outcome.state.version == 1 and mine.get_run("a").config == RunConfig(tau=2.0)
+
+        def deleting(config, state):
+            other.delete_run("a")
+            return bump(config, state)
+
+        with pytest.raises(RunNotFound):
+            mine.update_controller("a", "r2", None, deleting)
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_a_replica_never_answers_from_what_it_wrote_before(url, raw, prefix):
+    mine, other = store_from_url(url), store_from_url(url)
+    try:
+        mine.create_run("a", RunConfig(), now=1.0)
+        mine.update_controller("a", "m1", None, bump)
+        for i in range(3):
+            other.update_controller("a", f"o{i}", None, bump)
+        assert mine.get_run("a").state.version == 4
+        assert mine.update_controller("a", "m2", None, bump).state.version == 5
+        with pytest.raises(VersionMismatch):
+            mine.update_controller("a", "m3", 2, bump)
+        # The run vanishing behind the replica's back (an operator, a lost
+        # Redis) is NOT_FOUND, not a write on top of a remembered state.
+        raw.delete(f"{prefix}:run:a")
+        with pytest.raises(RunNotFound):
+            mine.update_controller("a", "m4", None, bump)
+        with pytest.raises(RunNotFound):
+            mine.get_run("a")
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_a_turn_claimed_by_a_writer_that_went_away_lapses(store, raw, prefix):
+    """A writer that keeps losing claims the next turn; if it never comes
+    back, the claim runs out and the others go on."""
+    store.create_run("a", RunConfig(), now=1.0)
+    now_ms = int(raw.time()[0]) * 1000 + int(raw.time()[1]) // 1000
+    raw.hset(f"{prefix}:run:a", mapping={"claimant": "ghost", "claim_until": now_ms + 300})
+    assert store.update_controller("a", "after-ghost", None, bump).state.version == 1
+    assert raw.hmget(f"{prefix}:run:a", "claimant", "claim_until") == [None, None]
+
+
+# -- prefixes, AUTH, ACL, TLS ------------------------------------------------------------
+
+
+def test_prefixes_keep_deployments_apart(redis_server, raw):
+    a = store_from_url(redis_server.url(prefix="deploy-a"))
+    b = store_from_url(redis_server.url(prefix="deploy-b"))
+    try:
+        a.create_run("shared-name", RunConfig(tau=1.0), now=1.0)
+        b.create_run("shared-name", RunConfig(tau=2.0), now=1.0)  # no conflict: another deployment
+        a.update_controller("shared-name", "r", None, bump)
+        assert b.get_run("shared-name").state.version == 0
+        assert not b.update_controller("shared-name", "r", None, bump).replayed
+        assert [r.config.tau for r in a.list_runs(None, 10)] == [1.0]
+        assert all(k.startswith(("deploy-a:", "deploy-b:")) for k in raw.keys("deploy-*"))
+    finally:
+        for s in (a, b):
+            for r in s.list_runs(None, 10):
+                s.delete_run(r.run_id)
+            s.close()
+
+
+def test_databases_are_apart(redis_server):
+    zero, five = store_from_url(redis_server.url(0, prefix="db")), store_from_url(redis_server.url(5, prefix="db"))
+    try:
+        zero.create_run("x", RunConfig(), now=1.0)
+        with pytest.raises(RunNotFound):
+            five.get_run("x")
+        zero.delete_run("x")
+    finally:
+        zero.close()
+        five.close()
+
+
+def test_url_options_are_parsed_and_checked(monkeypatch):
+    s = RedisSettings.from_url("redis://u:p%40ss@localhost:6380/3?prefix=team-a&timeout=1.5&connect_timeout=0.5"
+                               "&request_id_ttl=60&retention=20000&startup_wait=0&max_connections=8")
+    assert (s.host, s.port, s.db, s.username, s.password, s.tls) == ("localhost", 6380, 3, "u", "p@ss", False)
+    assert (s.prefix, s.timeout, s.connect_timeout, s.request_id_ttl, s.retention) == ("team-a", 1.5, 0.5, 60, 20000)
+    assert (s.startup_wait, s.max_connections) == (0.0, 8)
+    assert "p@ss" not in repr(s) and "p@ss" not in s.address and "p%40ss" not in s.address
+    defaults = RedisSettings.from_url("redis://127.0.0.1")
+    assert (defaults.port, defaults.db, defaults.prefix, defaults.password) == (6379, 0, "maxent", None)
+    t = RedisSettings.from_url("rediss://h/1?ssl_ca_certs=/ca.pem&ssl_cert_reqs=optional&ssl_check_hostname=false")
+    assert t.tls and t.ssl_ca_certs == "/ca.pem" and t.ssl_cert_reqs == "optional" and not t.ssl_check_hostname
+    monkeypatch.setenv("MAXENT_REDIS_PASSWORD", "from-env")
+    monkeypatch.setenv("MAXENT_REDIS_USERNAME", "svc")
+    env = RedisSettings.from_url("redis://h")
+    assert (env.username, env.password) == ("svc", "from-env")
+    for bad in ("redis://h?nope=1", "redis://h?timeout=-1", "redis://h?retention=0", "redis://h?prefix=",
+                "redis://h?ssl_ca_certs=/x", "redis://h/x", "rediss://h?ssl_cert_reqs=maybe", "http://h", "redis://"):
+        with pytest.raises(ValueError):
+            RedisSettings.from_url(bad)
+
+
+def test_auth_with_a_password(tmp_path):
+    server = RedisProcess(tmp_path / "auth", password="s3cret-pw").start()
+    try:
+        good = RedisStore.from_url(server.url(startup_wait=0))
+        good.ping()
+        good.create_run("a", RunConfig(), now=1.0)
+        good.close()
+        wrong = RedisStore.from_url(f"redis://:nope@127.0.0.1:{server.port}/0?startup_wait=30")
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="credentials") as info:
+            wrong.ping()  # a wrong password fails at once, without waiting for startup_wait
+        assert time.monotonic() - start < 20 and "nope" not in str(info.value)
+        wrong.close()
+        missing = RedisStore.from_url(f"redis://127.0.0.1:{server.port}/0?startup_wait=0")
+        with pytest.raises(StoreUnavailable):
+            missing.get_run("a")
+        missing.close()
+    finally:
+        server.stop()
+
+
+def test_acl_user_limited_to_its_prefix(tmp_path, monkeypatch):
+    # The permissions docs/redis.md gives for one deployment's user.
+    acl = ["--user", "default", "off", "--user", "team-a", "on", ">team-a-pw", "~team-a:*", "+@read", "+@write",
+           "+@scripting", "+ping", "+time"]
+    server = RedisProcess(tmp_path / "acl", extra_args=acl).start()
+    try:
+        monkeypatch.setenv("MAXENT_REDIS_USERNAME", "team-a")
+        monkeypatch.setenv("MAXENT_REDIS_PASSWORD", "team-a-pw")
+        s = RedisStore.from_url(f"redis://127.0.0.1:{server.port}/0?prefix=team-a&startup_wait=0")
+        s.ping()
+        s.create_run("r", RunConfig(), now=1.0)
+        s.update_controller("r", "x", None, bump)
+        assert [r.run_id for r in s.list_runs(None, 5)] == ["r"]
+        s.delete_run("r")
+        s.close()
+        # Another prefix is outside the user's key pattern: refused at the start.
+        other = RedisStore.from_url(f"redis://127.0.0.1:{server.port}/0?prefix=team-b&startup_wait=0")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            other.ping()
+        other.close()
+    finally:
+        server.stop()
+
+
+def test_tls_and_mutual_tls(tmp_path):
+    tls = make_tls_files(tmp_path / "certs")
+    if tls is None:
+        pytest.skip("openssl is not installed")
+    server = RedisProcess(tmp_path / "tls", tls=dict(tls, auth_clients="yes"), password="pw").start()
+    try:
+        url = server.url(ssl_ca_certs=tls["ca_file"], ssl_certfile=tls["cert_file"], ssl_keyfile=tls["key_file"],
+                         startup_wait=0)
+        s = open_store(url, "")
+        s.ping()
+        s.create_run("tls-run", RunConfig(tau=0.5), now=1.0)
+        assert s.update_controller("tls-run", "r", None, bump).state.version == 1
+        assert s.path.startswith("rediss://") and "pw" not in s.path
+        s.close()
+        no_client_cert = open_store(server.url(ssl_ca_certs=tls["ca_file"], startup_wait=0), "")
+        with pytest.raises(StoreUnavailable):
+            no_client_cert.ping()
+        no_client_cert.close()
+        untrusted = open_store(server.url(ssl_certfile=tls["cert_file"], ssl_keyfile=tls["key_file"],
+                                          startup_wait=0), "")
+        with pytest.raises(StoreUnavailable):
+            untrusted.ping()  # the test CA is not in the system roots
+        untrusted.close()
+        plain = open_store(f"redis://:pw@127.0.0.1:{server.port}/0?startup_wait=0&timeout=2", "")
+        with pytest.raises(StoreUnavailable):
+            plain.ping()
+        plain.close()
+    finally:
+        server.stop()
+
+
+# -- Redis away and back ---------------------------------------------------------------------
+
+
+def _every_call(s: RedisStore) -> dict:
+    return {
+        "ping": s.ping,
+        "get": lambda: s.get_run("a"),
+        "list": lambda: s.list_runs(None, 10),
+        "create": lambda: s.create_run("b", RunConfig(), now=2.0),
+        "update": lambda: s.update_controller("a", "during", None, bump),
+        "delete": lambda: s.delete_run("a"),
+    }
+
+
+def test_killed_redis_is_unavailable_then_recovers_with_the_state(tmp_path):
+    server = RedisProcess(tmp_path / "r").start()
+    s = RedisStore.from_url(server.url(prefix="k", timeout=2, connect_timeout=1, startup_wait=0))
+    try:
+        s.ping()
+        s.create_run("a", RunConfig(tau=1.0), now=1.0)
+        acknowledged = s.update_controller("a", "before", None, bump).state
+        server.kill()
+        for name, call in _every_call(s).items():
+            with pytest.raises(StoreUnavailable):
+                call()
+        server.restart()
+        # The same store object, no reconnect by hand; the acknowledged state is there.
+        assert s.get_run("a").state == acknowledged
+        assert s.update_controller("a", "before", None, bump).replayed
+        assert s.update_controller("a", "after", None, bump).state.version == 2
+    finally:
+        s.close()
+        server.stop()
+
+
+def test_hung_redis_times_out_as_unavailable(tmp_path):
+    server = RedisProcess(tmp_path / "r").start()
+    s = RedisStore.from_url(server.url(prefix="h", timeout=1, connect_timeout=1, startup_wait=0))
+    try:
+        s.ping()
+        s.create_run("a", RunConfig(), now=1.0)
+        server.pause()
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            s.get_run("a")
+        with pytest.raises(StoreUnavailable):
+            s.update_controller("a", "while-paused", None, bump)
+        assert time.monotonic() - start < 30
+        server.resume()
+        # The write sent before the timeout may have landed once Redis woke up;
+        # the retry with the same request id settles it: applied exactly once.
+        outcome = s.update_controller("a", "while-paused", None, bump)
+        assert outcome.state.version == 1 == s.get_run("a").state.version
+    finally:
+        server.resume()
+        s.close()
+        server.stop()
+
+
+def test_first_ping_waits_for_redis_to_come_up(tmp_path):
+    server = RedisProcess(tmp_path / "late")
+    s = RedisStore.from_url(server.url(startup_wait=60, connect_timeout=1))
+    starter = threading.Timer(1.0, server.start)
+    starter.start()
+    try:
+        s.ping()  # returns once Redis is up
+        s.create_run("a", RunConfig(), now=1.0)
+    finally:
+        starter.join()
+        s.close()
+        server.stop()
+
+
+def test_first_ping_gives_up_after_startup_wait(tmp_path):
+    port = RedisProcess(tmp_path / "never").port  # nothing listens there
+    s = RedisStore.from_url(f"redis://127.0.0.1:{port}/0?startup_wait=0.5&connect_timeout=1")
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{port}"):
+        s.ping()
+    assert time.monotonic() - start < 30
+    s.close()
