@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Callable, TypeVar
 
-import grpc
 import numpy as np
 
 from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
@@ -310,7 +309,9 @@ class _RewardInputs:
             if rewards is None:
                 v.add("rewards", "this server has no reward functions")
             else:
-                v.extend(rewards.validate(self.terms))
+                max_len = request.max_completion_len if request.HasField("max_completion_len") else None
+                v.extend(rewards.validate(self.terms, token_counts_given=len(request.token_counts) > 0,
+                                          max_completion_len=max_len if max_len and max_len > 0 else None))
                 if rewards.needs_answers(self.terms):
                     v.length("answers", request.answers, groups)
         else:
