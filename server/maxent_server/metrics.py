@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
+
+from maxent_client._wire import array
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -165,7 +167,8 @@ def _state_values(state) -> dict[str, float | None]:
 
 
 def completions_in(request) -> int:
-    return int(sum(max(int(size), 0) for size in request.group_sizes))
+    sizes = array(request.group_sizes, np.int64)
+    return int(sizes[sizes > 0].sum())
 
 
 # -- the metric set ----------------------------------------------------------------
