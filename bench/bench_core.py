@@ -80,6 +80,19 @@ ECHO_SERVER = textwrap.dedent("""
 """)
 
 
+def stats_reply_bytes(client: MaxEntClient, utilities, sizes) -> bytes:
+    """Serialized ComputeRewardStatisticsResponse for the batch (its real size)."""
+    request = pb.ComputeRewardStatisticsRequest(group_sizes=sizes, utilities=utilities.ravel().tolist())
+    return client._stub.ComputeRewardStatistics(request, timeout=60).SerializeToString()
+
+
+def weights_rpc_bytes(client: MaxEntClient, q, ref_logp, ref_counts, sizes) -> bytes:
+    request = pb.ComputeWeightStatsRequest(run_id="bench", group_sizes=sizes, q_values=q.tolist(),
+                                           ref_logp_sum=ref_logp.ravel().tolist(),
+                                           ref_token_counts=ref_counts.ravel().tolist())
+    return client._stub.ComputeWeightStats(request, timeout=60).SerializeToString()
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -132,10 +145,17 @@ def main() -> int:
             weight_bytes = pb.ComputeWeightStatsRequest(
                 run_id="bench", group_sizes=sizes, q_values=stats.q_values.tolist(), ref_logp_sum=ref_logp.ravel().tolist(),
                 ref_token_counts=ref_counts.ravel().tolist()).SerializeToString()
+            reward_reply = stats_reply_bytes(client, utilities, sizes)
+            weight_reply = weights_rpc_bytes(client, stats.q_values, ref_logp, ref_counts, sizes)
             with grpc.insecure_channel(f"127.0.0.1:{echo_port}") as channel:
                 call = channel.unary_unary("/bench.Echo/Echo")
                 t_echo_rewards = _median_seconds(lambda: call(reward_bytes, timeout=60), args.repeats)
                 t_echo_weights = _median_seconds(lambda: call(weight_bytes, timeout=60), args.repeats)
+                # Transport floor: request-sized bytes one way, response-sized the other.
+                t_floor_rewards = (t_echo_rewards + _median_seconds(lambda: call(reward_reply, timeout=60),
+                                                                    args.repeats)) / 2
+                t_floor_weights = (t_echo_weights + _median_seconds(lambda: call(weight_reply, timeout=60),
+                                                                    args.repeats)) / 2
             rss = peak_rss_mib(server.proc.pid)
         finally:
             echo.kill()
@@ -143,6 +163,7 @@ def main() -> int:
 
     rpc_total = t_rewards + t_weights
     echo_total = t_echo_rewards + t_echo_weights
+    floor_total = t_floor_rewards + t_floor_weights
     print(f"batch: {g} prompts x {k} completions ({g * k} completions), median of {args.repeats} calls")
     print(f"{'':34}{'seconds':>10}")
     print(f"{'(a) in-process per-group loop':34}{t_baseline:>10.4f}   (both computations)")
@@ -150,6 +171,9 @@ def main() -> int:
     print(f"{'ComputeWeightStats via server':34}{t_weights:>10.4f}   echo of its bytes {t_echo_weights:.4f}")
     print(f"speed-up over (a):          {t_baseline / rpc_total:6.1f}x   (goal >= 10x)")
     print(f"cost relative to echo (b):  {rpc_total / echo_total:6.2f}x   (goal <= 3x)")
+    print(f"cost relative to the transport floor (request in, response-sized bytes out): "
+          f"{rpc_total / floor_total:.2f}x  (responses are {len(reward_reply) / len(reward_bytes):.1f}x and "
+          f"{len(weight_reply) / len(weight_bytes):.1f}x the request size)")
     print(f"server peak RSS:            {rss:6.0f} MiB")
     return 0
 

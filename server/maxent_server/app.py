@@ -10,7 +10,6 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -135,11 +134,7 @@ class MaxEntServer:
             await asyncio.get_running_loop().run_in_executor(None, self.store.ping)
         except StoreError as error:
             raise ConfigError(f"state store not reachable: {error}") from None
-        self.engine = Engine(s.device)
-        if s.torch_threads > 0:
-            # Small per-call tensors: intra-op threads mostly add contention
-            # between concurrent calls on a busy CPU.
-            torch.set_num_threads(s.torch_threads)
+        self.engine = Engine(s.device, threads=s.torch_threads)
         self.rewards = _reward_runner(s)
         if self.metrics is not None and self.rewards is not None:
             self.metrics.declare_rewards(f.name for f in self.rewards.list_functions())

@@ -50,8 +50,10 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         self.clock = clock
         # Optional metrics.ServiceObserver: told about each reward evaluation.
         self.observer = observer
-        self._compute = ThreadPoolExecutor(compute_threads, thread_name_prefix="maxent-compute")
-        self._reward_pool = ThreadPoolExecutor(reward_threads, thread_name_prefix="maxent-rewards")
+        self._compute = ThreadPoolExecutor(compute_threads, thread_name_prefix="maxent-compute",
+                                           initializer=engine.prepare_thread)
+        self._reward_pool = ThreadPoolExecutor(reward_threads, thread_name_prefix="maxent-rewards",
+                                               initializer=engine.prepare_thread)
         self._store_pool = ThreadPoolExecutor(store_threads, thread_name_prefix="maxent-store")
 
     def shutdown(self) -> None:

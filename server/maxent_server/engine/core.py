@@ -81,8 +81,20 @@ class Engine:
 
     dtype = torch.float64
 
-    def __init__(self, device: str | torch.device = "auto") -> None:
+    def __init__(self, device: str | torch.device = "auto", *, threads: int = 0) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
+        self.threads = threads
+        self.prepare_thread()
+
+    def prepare_thread(self) -> None:
+        """Apply the intra-op thread count to the calling thread.
+
+        torch's CPU thread count is per calling thread (OpenMP), so every
+        thread that computes must call this once, e.g. as a pool initializer.
+        One thread per call keeps concurrent small calls from fighting over
+        the cores; 0 keeps torch's default."""
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
 
     def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype or self.dtype, device=self.device)
