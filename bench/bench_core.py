@@ -36,26 +36,40 @@ from server_process import ServerProcess, free_port  # noqa: E402
 TAU, BETA = 0.3, 0.05
 
 
-def per_group_baseline(utilities: list[list[float]], ref_logp: list[list[float]], ref_counts: list[list[int]]):
-    """What a trainer loop does today: one small tensor per group."""
-    advantages, q_all, weights, entropies = [], [], [], []
-    for u_list, r_list, c_list in zip(utilities, ref_logp, ref_counts):
+def baseline_rewards(utilities: list[list[float]]):
+    """Advantages and q the way a trainer loop does it today: a tensor per group."""
+    advantages, q_all = [], []
+    for u_list in utilities:
         u = torch.tensor(u_list, dtype=torch.float64)
         k = u.numel()
         std = u.std() if k > 1 else torch.tensor(0.0, dtype=torch.float64)
         advantages.append(((u - u.mean()) / (std + 1e-4)).tolist())
         p = torch.softmax(u, dim=0)
         q = p * (1 - 1e-6 * k) + 1e-6
-        q = q / q.sum()
-        q_all.append(q.tolist())
+        q_all.append((q / q.sum()).tolist())
+    return advantages, q_all
+
+
+def baseline_weights(q_values: list[list[float]], ref_logp: list[list[float]], ref_counts: list[list[int]]):
+    """MaxEnt weights and entropies, one small tensor per group."""
+    weights, entropies = [], []
+    for q_list, r_list, c_list in zip(q_values, ref_logp, ref_counts):
+        q = torch.tensor(q_list, dtype=torch.float64)
         ref = torch.tensor(r_list, dtype=torch.float64) / torch.tensor(c_list, dtype=torch.float64).clamp(min=1)
         w = torch.softmax((torch.log(q.clamp(min=1e-12)) + BETA * ref) / (TAU + BETA), dim=0)
         entropies.append(float(-(w * torch.log(w.clamp(min=1e-12))).sum()))
         weights.append(w.tolist())
+    return weights, entropies
+
+
+def per_group_baseline(utilities: list[list[float]], ref_logp: list[list[float]], ref_counts: list[list[int]]):
+    """Both computations, as a trainer loop does them today."""
+    advantages, q_all = baseline_rewards(utilities)
+    weights, entropies = baseline_weights(q_all, ref_logp, ref_counts)
     return advantages, q_all, weights, entropies
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     samples = []
     for _ in range(repeats):
@@ -136,9 +150,9 @@ def main() -> int:
             np.testing.assert_allclose(np.concatenate(base[2]), weights_rpc().weights, atol=1e-9)
 
             lists = (utilities.tolist(), ref_logp.tolist(), ref_counts.tolist())
-            t_baseline = _median_seconds(lambda: per_group_baseline(*lists), max(3, args.repeats // 5))
-            t_rewards = _median_seconds(rewards_rpc, args.repeats)
-            t_weights = _median_seconds(weights_rpc, args.repeats)
+            t_baseline = median_seconds(lambda: per_group_baseline(*lists), max(3, args.repeats // 5))
+            t_rewards = median_seconds(rewards_rpc, args.repeats)
+            t_weights = median_seconds(weights_rpc, args.repeats)
 
             reward_bytes = pb.ComputeRewardStatisticsRequest(group_sizes=sizes, utilities=utilities.ravel().tolist()
                                                              ).SerializeToString()
@@ -149,12 +163,12 @@ def main() -> int:
             weight_reply = weights_rpc_bytes(client, stats.q_values, ref_logp, ref_counts, sizes)
             with grpc.insecure_channel(f"127.0.0.1:{echo_port}") as channel:
                 call = channel.unary_unary("/bench.Echo/Echo")
-                t_echo_rewards = _median_seconds(lambda: call(reward_bytes, timeout=60), args.repeats)
-                t_echo_weights = _median_seconds(lambda: call(weight_bytes, timeout=60), args.repeats)
+                t_echo_rewards = median_seconds(lambda: call(reward_bytes, timeout=60), args.repeats)
+                t_echo_weights = median_seconds(lambda: call(weight_bytes, timeout=60), args.repeats)
                 # Transport floor: request-sized bytes one way, response-sized the other.
-                t_floor_rewards = (t_echo_rewards + _median_seconds(lambda: call(reward_reply, timeout=60),
+                t_floor_rewards = (t_echo_rewards + median_seconds(lambda: call(reward_reply, timeout=60),
                                                                     args.repeats)) / 2
-                t_floor_weights = (t_echo_weights + _median_seconds(lambda: call(weight_reply, timeout=60),
+                t_floor_weights = (t_echo_weights + median_seconds(lambda: call(weight_reply, timeout=60),
                                                                     args.repeats)) / 2
             rss = peak_rss_mib(server.proc.pid)
         finally:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from server_process import ServerProcess
@@ -180,21 +179,8 @@ class TlsServerProcess(ServerProcess):
         super().__init__(*args, **kwargs)
         self.credentials = credentials
 
-    def wait_serving(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.secure_channel(self.target, self.credentials) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise TimeoutError(f"server not serving after {timeout}s:\n{self.log()}")
+    def channel(self) -> grpc.Channel:
+        return grpc.secure_channel(self.target, self.credentials)
 
 
 def wait_for_log(server: ServerProcess, text: str, timeout: float = 60.0) -> None:

@@ -48,7 +48,7 @@ class ServerProcess:
 
     def wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
@@ -61,6 +61,10 @@ class ServerProcess:
                     pass
                 time.sleep(0.1)
         raise TimeoutError(f"server not serving after {timeout}s:\n{self.log()}")
+
+    def channel(self) -> grpc.Channel:
+        """A channel to this server (plaintext; a TLS server overrides it)."""
+        return grpc.insecure_channel(self.target)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
 from . import _convert as cv
 from . import _messages as msg
-from ._channel import ChannelSettings
 from ._generated.maxent.v1 import maxent_pb2 as pb
-from ._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from .client import ClientBase
 from .errors import from_rpc_error
 from .models import (
     FailurePolicy,
@@ -26,52 +24,15 @@ from .models import (
     WeightStats,
 )
 
-PemSource = bytes | str | Path | None
 
 
-class AsyncMaxEntClient:
-    """The asyncio twin of MaxEntClient (grpc.aio): the same options and
-    methods, each a coroutine. Create it inside a running event loop.
+class AsyncMaxEntClient(ClientBase):
+    """The asyncio twin of MaxEntClient (grpc.aio): the same options
+    (ClientBase) and methods, each a coroutine. Create it inside a running
+    event loop."""
 
-    Calls a MaxEnt server at `target` ("host:port").
-
-    Every call has a deadline (`timeout` seconds, per client or per call).
-    UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED are retried by
-    gRPC's retry policy with exponential backoff and jitter (`max_attempts`
-    tries in all). TLS: `root_certificates` (CA bundle, PEM bytes or a path;
-    `tls=True` alone uses the system roots), plus `private_key` and
-    `certificate_chain` for mutual TLS. `token` is sent as
-    `authorization: Bearer <token>`.
-    """
-
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = 30.0,
-        token: str | None = None,
-        tls: bool = False,
-        root_certificates: PemSource = None,
-        private_key: PemSource = None,
-        certificate_chain: PemSource = None,
-        max_attempts: int = 5,
-        initial_backoff: float = 0.1,
-        max_backoff: float = 5.0,
-        max_message_mb: int = 64,
-        wait_for_ready: bool = False,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.settings = ChannelSettings(
-            target=target, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, tls=tls, token=token, max_attempts=max_attempts,
-            initial_backoff=initial_backoff, max_backoff=max_backoff, max_message_mb=max_message_mb, options=options,
-        )
-        self.target = target
-        self.timeout = timeout
-        self.wait_for_ready = wait_for_ready
-        self._metadata = self.settings.call_metadata()
-        self._channel = self.settings.aio_channel()
-        self._stub = pb_grpc.MaxEntServiceStub(self._channel)
+    def _open_channel(self) -> grpc.aio.Channel:
+        return self.settings.aio_channel()
 
     async def close(self) -> None:
         await self._channel.close()

@@ -29,8 +29,8 @@ from .models import (
 PemSource = bytes | str | Path | None
 
 
-class MaxEntClient:
-    """Calls a MaxEnt server at `target` ("host:port").
+class ClientBase:
+    """Connection options shared by MaxEntClient and AsyncMaxEntClient.
 
     Every call has a deadline (`timeout` seconds, per client or per call).
     UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED are retried by
@@ -67,8 +67,18 @@ class MaxEntClient:
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
         self._metadata = self.settings.call_metadata()
-        self._channel = self.settings.sync_channel()
+        self._channel = self._open_channel()
         self._stub = pb_grpc.MaxEntServiceStub(self._channel)
+
+    def _open_channel(self) -> Any:
+        raise NotImplementedError
+
+
+class MaxEntClient(ClientBase):
+    """Calls a MaxEnt server at `target` ("host:port"); options: ClientBase."""
+
+    def _open_channel(self) -> grpc.Channel:
+        return self.settings.sync_channel()
 
     def close(self) -> None:
         self._channel.close()

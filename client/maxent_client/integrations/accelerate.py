@@ -44,6 +44,7 @@ import grpc
 import numpy as np
 
 from .. import _convert as cv
+from .._messages import group_sizes_for
 from ..client import MaxEntClient
 from ..errors import MaxEntError
 from ..models import RewardStatistics, WeightStats
@@ -182,7 +183,7 @@ class MainProcessClient:
         main process's."""
         def prepare() -> dict[str, Any]:
             primary = utilities if utilities is not None else completions
-            local: dict[str, Any] = {"group_sizes": _sizes(group_sizes, primary)}
+            local: dict[str, Any] = {"group_sizes": group_sizes_for(group_sizes, primary)}
             given = {"utilities": utilities, "token_counts": token_counts, "truncated": truncated,
                      "gen_logp_sum": gen_logp_sum}
             for name, dtype in _REWARD_PER_COMPLETION.items():
@@ -209,7 +210,7 @@ class MainProcessClient:
         run's tau and beta at one version); returns this rank's groups, with the
         entropy summary of the whole batch."""
         def prepare() -> dict[str, Any]:
-            local: dict[str, Any] = {"group_sizes": _sizes(group_sizes, q_values if q_values is not None else advantages)}
+            local: dict[str, Any] = {"group_sizes": group_sizes_for(group_sizes, q_values if q_values is not None else advantages)}
             given = {"q_values": q_values, "ref_logp_sum": ref_logp_sum, "ref_token_counts": ref_token_counts,
                      "advantages": advantages}
             for name, dtype in _WEIGHT_PER_COMPLETION.items():
@@ -228,15 +229,6 @@ class MainProcessClient:
 
 
 # -- helpers ----------------------------------------------------------------------
-
-
-def _sizes(group_sizes: Any, primary: Any) -> np.ndarray:
-    if group_sizes is not None:
-        return cv.flat(group_sizes, np.int64)
-    sizes = cv.nested_sizes(primary) if primary is not None else None
-    if sizes is None:
-        raise ValueError("group_sizes is required unless the per-completion inputs are nested per group")
-    return np.asarray(sizes, dtype=np.int64)
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
