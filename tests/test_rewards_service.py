@@ -105,6 +105,7 @@ def test_reward_violations_name_the_field(client):
         (dict(rewards=[RewardTerm("nope")]), "rewards[0].name"),
         (dict(rewards=[RewardTerm("format"), RewardTerm("length")]), "token_counts"),
         (dict(rewards=[RewardTerm("math_accuracy")], answers=["1", "2"]), "answers"),
+        (dict(rewards=[RewardTerm("format")], answers=["1", "2", "3"]), "answers"),  # given: one per group
         (dict(rewards=[RewardTerm("format")], utilities=[1.0, 2.0]), "utilities"),
     ]
     for extra, field in cases:

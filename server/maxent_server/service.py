@@ -314,7 +314,7 @@ class _RewardInputs:
                 max_len = request.max_completion_len if request.HasField("max_completion_len") else None
                 v.extend(rewards.validate(self.terms, token_counts_given=len(request.token_counts) > 0,
                                           max_completion_len=max_len if max_len and max_len > 0 else None))
-                if rewards.needs_answers(self.terms):
+                if len(request.answers) or rewards.needs_answers(self.terms):
                     v.length("answers", request.answers, groups)
         else:
             self.utilities = _check_group_arrays(v, request, "utilities", convert.floats, n, required=True, finite=True)
