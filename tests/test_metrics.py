@@ -200,7 +200,17 @@ def test_replays_errors_and_deleted_runs(live):
         stub.ComputeRewardStatistics(pb.ComputeRewardStatisticsRequest(group_sizes=[1], utilities=[float("nan")]),
                                      timeout=60)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    after = _scrape(live)
+    # A call's counters are recorded as its handler unwinds, which for an
+    # aborted call can be just after the client has its status: wait a moment.
+    deadline = time.monotonic() + 10
+    while True:
+        after = _scrape(live)
+        settled = rpc_count(after, "ComputeRewardStatistics", "INVALID_ARGUMENT") > rpc_count(
+            before, "ComputeRewardStatistics", "INVALID_ARGUMENT") and rpc_count(
+            after, "GetRun", "NOT_FOUND") > rpc_count(before, "GetRun", "NOT_FOUND")
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert value(after, "maxent_controller_replays_total") - value(before, "maxent_controller_replays_total") == 1
     assert value(after, "maxent_controller_updates_total") - value(before, "maxent_controller_updates_total") == 1
     assert rpc_count(after, "GetRun", "NOT_FOUND") - rpc_count(before, "GetRun", "NOT_FOUND") == 1
