@@ -7,7 +7,10 @@ a real maxent-server process against
   (b) a raw gRPC echo server (another process) sent the same request bytes.
 All in one run on the same machine; the ratios are what to quote.
 
-    python bench/bench_core.py [--prompts 1024] [--generations 16] [--repeats 30]
+    python bench/bench_core.py [--prompts 1024] [--generations 16] [--repeats 200]
+
+The RPCs and the echo calls are timed in interleaved rounds (one call of
+each per round), so a change of load on the machine hits them alike.
 """
 
 from __future__ import annotations
@@ -79,6 +82,20 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def interleaved_medians(calls: dict[str, object], repeats: int) -> dict[str, float]:
+    """Median seconds of each call, timed in rounds of one call each, so that
+    the machine's changing load falls on all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 ECHO_SERVER = textwrap.dedent("""
     import sys, time, grpc
     from concurrent import futures
@@ -123,7 +140,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=1024)
     parser.add_argument("--generations", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
     g, k = args.prompts, args.generations
     rng = np.random.default_rng(0)
@@ -153,9 +170,7 @@ def main() -> int:
             np.testing.assert_allclose(np.concatenate(base[2]), weights_rpc().weights, atol=1e-9)
 
             lists = (utilities.tolist(), ref_logp.tolist(), ref_counts.tolist())
-            t_baseline = median_seconds(lambda: per_group_baseline(*lists), max(3, args.repeats // 5))
-            t_rewards = median_seconds(rewards_rpc, args.repeats)
-            t_weights = median_seconds(weights_rpc, args.repeats)
+            t_baseline = median_seconds(lambda: per_group_baseline(*lists), max(3, args.repeats // 20))
 
             reward_bytes = pb.ComputeRewardStatisticsRequest(group_sizes=sizes, utilities=utilities.ravel().tolist()
                                                              ).SerializeToString()
@@ -175,18 +190,25 @@ def main() -> int:
             assert echo.stdout.readline().strip() == "ready"
             with grpc.insecure_channel(f"127.0.0.1:{echo_port}") as channel:
                 call = channel.unary_unary("/bench.Echo/Echo")
-                t_echo_rewards = median_seconds(lambda: call(reward_bytes, timeout=60), args.repeats)
-                t_echo_weights = median_seconds(lambda: call(weight_bytes, timeout=60), args.repeats)
                 # Transport floor: the real request in, a fixed real-sized response out.
                 reply0, reply1 = channel.unary_unary("/bench.Echo/Reply0"), channel.unary_unary("/bench.Echo/Reply1")
-                t_floor_rewards = median_seconds(lambda: reply0(reward_bytes, timeout=60), args.repeats)
-                t_floor_weights = median_seconds(lambda: reply1(weight_bytes, timeout=60), args.repeats)
+                t = interleaved_medians({
+                    "rewards": rewards_rpc,
+                    "weights": weights_rpc,
+                    "echo_rewards": lambda: call(reward_bytes, timeout=60),
+                    "echo_weights": lambda: call(weight_bytes, timeout=60),
+                    "floor_rewards": lambda: reply0(reward_bytes, timeout=60),
+                    "floor_weights": lambda: reply1(weight_bytes, timeout=60),
+                }, args.repeats)
             rss = peak_rss_mib(server.proc.pid)
         finally:
             if echo is not None:
                 echo.kill()
             server.stop()
 
+    t_rewards, t_weights = t["rewards"], t["weights"]
+    t_echo_rewards, t_echo_weights = t["echo_rewards"], t["echo_weights"]
+    t_floor_rewards, t_floor_weights = t["floor_rewards"], t["floor_weights"]
     rpc_total = t_rewards + t_weights
     echo_total = t_echo_rewards + t_echo_weights
     floor_total = t_floor_rewards + t_floor_weights

@@ -576,9 +576,17 @@ utility = st.one_of(
 )
 
 
+def group_sizes(max_groups: int, max_size: int, min_size: int = 0):
+    """Ragged sizes, or all groups of one size K >= 1: the engine works on
+    those as a dense [G, K] batch, a separate code path to cover as well."""
+    ragged = st.lists(st.integers(min_size, max_size), min_size=0, max_size=max_groups)
+    uniform = st.builds(lambda g, k: [k] * g, st.integers(1, max_groups), st.integers(max(min_size, 1), max_size))
+    return st.one_of(ragged, uniform)
+
+
 @st.composite
 def ragged_batches(draw, max_groups=7, max_size=7):
-    sizes = draw(st.lists(st.integers(0, max_size), min_size=0, max_size=max_groups))
+    sizes = draw(group_sizes(max_groups, max_size))
     n = sum(sizes)
     utils = draw(st.lists(utility, min_size=n, max_size=n))
     return sizes, utils
@@ -726,3 +734,36 @@ def test_combine_rewards_match_reference(r, n, data):
     got = combine_rewards(values, weights)
     want = ref.combine_rewards(values.tolist(), weights.tolist()) if r else [0.0] * n
     assert_close(got, want)
+
+
+@given(
+    groups=st.integers(1, 6),
+    k=st.integers(1, 7),
+    data=st.data(),
+    scale=st.booleans(),
+    temperature=st.sampled_from([1.0, 0.3]),
+    by_tokens=st.booleans(),
+)
+@HYPO
+def test_dense_and_ragged_layouts_agree(groups, k, data, scale, temperature, by_tokens):
+    """Equal-sized groups run as a dense [G, K] batch; an empty group appended
+    forces the scatter (ragged) path on the same numbers."""
+    n = groups * k
+    utils = np.asarray(data.draw(st.lists(utility, min_size=n, max_size=n), label="utils"))
+    ref_logp = np.asarray(data.draw(st.lists(st.floats(-500.0, 0.0), min_size=n, max_size=n), label="ref"))
+    counts = np.asarray(data.draw(st.lists(st.integers(0, 64), min_size=n, max_size=n), label="counts"))
+    dense_sizes, ragged_sizes = [k] * groups, [k] * groups + [0]
+    options = RewardOptions(q_temperature=temperature, scale_rewards=scale)
+    dense, ragged = engine_rewards(dense_sizes, utils, options), engine_rewards(ragged_sizes, utils, options)
+    for name in ("total_utils", "advantages", "q_values", "reward_mean", "reward_std"):
+        np.testing.assert_allclose(getattr(dense, name), getattr(ragged, name), rtol=1e-12, atol=1e-15, err_msg=name)
+    weight_options = WeightOptions(tau=0.4, beta=0.1, normalize_by_tokens=by_tokens)
+    dense_w, ragged_w = (
+        ENGINE.weight_stats(np.asarray(sizes), dense.q_values, ref_logp, counts, weight_options)
+        for sizes in (dense_sizes, ragged_sizes)
+    )
+    np.testing.assert_allclose(dense_w.weights, ragged_w.weights, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(dense_w.group_entropies, ragged_w.group_entropies[:-1], rtol=1e-12, atol=1e-15)
+    assert ragged_w.group_entropies[-1] == 0.0
+    for name in ("weight_entropy", "weight_entropy_min", "weight_entropy_max"):
+        assert getattr(dense_w, name) == pytest.approx(getattr(ragged_w, name), rel=1e-12, abs=1e-15)

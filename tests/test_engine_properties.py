@@ -55,7 +55,11 @@ def weights(sizes, q, ref_logp, counts, **options):
 
 @st.composite
 def ragged(draw, max_groups=6, max_size=8, min_size=0, with_ref=True):
-    sizes = draw(st.lists(st.integers(min_size, max_size), min_size=0, max_size=max_groups))
+    # Sometimes all groups of one size: the engine's dense [G, K] path.
+    sizes = draw(st.one_of(
+        st.lists(st.integers(min_size, max_size), min_size=0, max_size=max_groups),
+        st.builds(lambda g, k: [k] * g, st.integers(1, max_groups), st.integers(max(min_size, 1), max_size)),
+    ))
     n = sum(sizes)
     utils = draw(st.lists(st.one_of(st.floats(-10.0, 10.0), st.sampled_from([0.0, 1.0])), min_size=n, max_size=n))
     if not with_ref:

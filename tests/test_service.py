@@ -82,6 +82,29 @@ def test_reward_statistics_match_reference(client):
     assert [len(g) for g in grouped] == sizes.tolist()
 
 
+@pytest.mark.parametrize("groups", [2048, 2049])  # x 16 completions: just under and just over the inline limit
+def test_small_and_large_batches_take_either_path_with_the_same_numbers(client, run_id, groups):
+    """Batches up to 32 768 completions are computed on the server's event
+    loop, larger ones in its compute pool; both must give the reference."""
+    client.create_run(run_id, WeightingConfig(tau=0.3, beta=0.05, q_temperature=0.5))
+    rng = np.random.default_rng(groups)
+    utilities = rng.normal(size=(groups, 16))
+    ref_logp, counts = rng.normal(-30, 5, size=(groups, 16)), rng.integers(1, 300, size=(groups, 16))
+    sizes = [16] * groups
+    want = ref.reward_statistics(sizes, utilities.ravel().tolist(), q_temperature=0.5)
+    for run in ("", run_id):  # without a run (defaults) and with the run's q_temperature
+        got = client.compute_reward_statistics(utilities=utilities, run_id=run,
+                                               q_temperature=None if run else 0.5)
+        np.testing.assert_allclose(got.q_values, want.q_values, atol=1e-12)
+        np.testing.assert_allclose(got.advantages, want.advantages, atol=1e-9)
+    got = client.compute_weight_stats(run_id, q_values=want.q_values, ref_logp_sum=ref_logp, ref_token_counts=counts,
+                                      group_sizes=sizes)
+    weights = ref.weight_stats(sizes, want.q_values, ref_logp.ravel().tolist(), counts.ravel().tolist(),
+                               tau=0.3, beta=0.05)
+    np.testing.assert_allclose(got.weights, weights.weights, atol=1e-9)
+    assert got.weight_entropy == pytest.approx(weights.weight_entropy, abs=1e-9)
+
+
 def test_reward_statistics_use_run_defaults(client, run_id):
     client.create_run(run_id, WeightingConfig(tau=1, q_temperature=0.25, scale_rewards=False))
     utilities = [[0.0, 1.0, 3.0]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -82,3 +83,29 @@ def test_state_survives_reopening(tmp_path):
     with pytest.raises(RunNotFound):
         reopened.get_run("b")
     reopened.close()
+
+
+def test_reads_from_other_threads_see_every_commit(store):
+    """get_run reads through a connection of each thread's own (local_reads):
+    it must still see the last committed update at once."""
+    assert store.local_reads
+    store.create_run("c", RunConfig(tau=1.0), now=1.0)
+    with ThreadPoolExecutor(4) as readers:
+        for i in range(1, 30):
+            store.update_controller("c", f"req-{i}", None, bump)
+            versions = list(readers.map(lambda _: store.get_run("c").state.version, range(8)))
+            assert versions == [i] * 8
+        store.delete_run("c")
+        with pytest.raises(RunNotFound):
+            readers.submit(store.get_run, "c").result()
+
+
+def test_close_closes_the_reader_connections(tmp_path):
+    s = SqliteStore(tmp_path / "state.sqlite3")
+    s.create_run("d", RunConfig(), now=1.0)
+    with ThreadPoolExecutor(2) as readers:
+        assert list(readers.map(lambda _: s.get_run("d").run_id, range(4))) == ["d"] * 4
+    s.get_run("d")
+    s.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        s.get_run("d")

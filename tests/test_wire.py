@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._wire import array, fill
+from maxent_client._wire import array, encode, fill
 
 int64s = st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=50)
 doubles = st.lists(st.floats(allow_nan=False), max_size=50)
@@ -36,3 +36,23 @@ def test_none_and_empty_leave_fields_unset():
     message = fill(pb.ComputeWeightStatsRequest(), q_values=None, ref_logp_sum=np.empty(0))
     assert len(message.q_values) == 0 and len(message.ref_logp_sum) == 0
     assert message.SerializeToString() == b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(counts=int64s, utilities=doubles, flags=st.lists(st.booleans(), max_size=50),
+       run_id=st.text(max_size=20), temperature=st.one_of(st.none(), st.floats(allow_nan=False)))
+def test_encode_appends_arrays_to_the_message_bytes(counts, utilities, flags, run_id, temperature):
+    """encode() writes the arrays after the message's own fields; a parser
+    must read back exactly the message protobuf itself would have built."""
+    message = pb.ComputeRewardStatisticsRequest(run_id=run_id)
+    if temperature is not None:
+        message.q_temperature = temperature
+    payload = encode(message, token_counts=np.array(counts, dtype=np.int64),
+                     utilities=np.array(utilities, dtype=np.float64), truncated=np.array(flags, dtype=bool),
+                     gen_logp_sum=None)
+    expected = pb.ComputeRewardStatisticsRequest(run_id=run_id, token_counts=counts, utilities=utilities,
+                                                 truncated=flags)
+    if temperature is not None:
+        expected.q_temperature = temperature
+    assert pb.ComputeRewardStatisticsRequest.FromString(payload) == expected
+    assert len(payload) == len(expected.SerializeToString())

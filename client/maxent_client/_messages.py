@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _convert as cv
 from ._generated.maxent.v1 import maxent_pb2 as pb
-from ._wire import array, fill
+from ._wire import array, encode
 from .models import (
     FailurePolicy,
     RewardFunctionInfo,
@@ -59,17 +59,10 @@ def reward_request(
     max_completion_len: int | None = None,
     seed_grpo: SeedGrpo | bool | None = None,
     on_failure: FailurePolicy | None = None,
-) -> tuple[pb.ComputeRewardStatisticsRequest, np.ndarray]:
+) -> tuple[bytes, np.ndarray]:
+    """The serialized request (arrays encoded by numpy) and its group sizes."""
     sizes = group_sizes_for(group_sizes, utilities if utilities is not None else completions)
     request = pb.ComputeRewardStatisticsRequest(run_id=run_id)
-    fill(
-        request,
-        group_sizes=sizes,
-        utilities=_flat(utilities, np.float64),
-        token_counts=_flat(token_counts, np.int64),
-        truncated=_flat(truncated, np.bool_),
-        gen_logp_sum=_flat(gen_logp_sum, np.float64),
-    )
     if completions is not None:
         request.completions.extend(cv.strings(completions))
     if answers is not None:
@@ -90,7 +83,15 @@ def reward_request(
         set_optional(request.seed_grpo, **options.__dict__)
     if on_failure is not None:
         request.on_failure = on_failure.value
-    return request, sizes
+    payload = encode(
+        request,
+        group_sizes=sizes,
+        utilities=_flat(utilities, np.float64),
+        token_counts=_flat(token_counts, np.int64),
+        truncated=_flat(truncated, np.bool_),
+        gen_logp_sum=_flat(gen_logp_sum, np.float64),
+    )
+    return payload, sizes
 
 
 def reward_result(reply: pb.ComputeRewardStatisticsResponse, sizes: np.ndarray) -> RewardStatistics:
@@ -121,10 +122,12 @@ def weight_request(
     advantages: Any = None,
     include_reference_term: bool | None = None,
     normalize_by_tokens: bool = False,
-) -> tuple[pb.ComputeWeightStatsRequest, np.ndarray]:
+) -> tuple[bytes, np.ndarray]:
+    """The serialized request (arrays encoded by numpy) and its group sizes."""
     sizes = group_sizes_for(group_sizes, q_values if q_values is not None else advantages)
     request = pb.ComputeWeightStatsRequest(run_id=run_id, normalize_by_tokens=normalize_by_tokens)
-    fill(
+    set_optional(request, include_reference_term=include_reference_term)
+    payload = encode(
         request,
         group_sizes=sizes,
         q_values=_flat(q_values, np.float64),
@@ -132,8 +135,7 @@ def weight_request(
         ref_token_counts=_flat(ref_token_counts, np.int64),
         advantages=_flat(advantages, np.float64),
     )
-    set_optional(request, include_reference_term=include_reference_term)
-    return request, sizes
+    return payload, sizes
 
 
 def weight_result(reply: pb.ComputeWeightStatsResponse, sizes: np.ndarray) -> WeightStats:

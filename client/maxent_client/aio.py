@@ -45,7 +45,7 @@ class AsyncMaxEntClient(ClientBase):
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         try:
-            return await getattr(self._stub, method)(
+            return await (self._encoded.get(method) or getattr(self._stub, method))(
                 request,
                 timeout=self.timeout if timeout is None else timeout,
                 wait_for_ready=self.wait_for_ready,

@@ -10,7 +10,7 @@ import grpc
 
 from . import _convert as cv
 from . import _messages as msg
-from ._channel import ChannelSettings
+from ._channel import SERVICE, ChannelSettings
 from ._generated.maxent.v1 import maxent_pb2 as pb
 from ._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from .errors import from_rpc_error
@@ -27,6 +27,7 @@ from .models import (
 )
 
 PemSource = bytes | str | Path | None
+ENCODED_METHODS = ("ComputeRewardStatistics", "ComputeWeightStats")
 
 
 class ClientBase:
@@ -69,6 +70,15 @@ class ClientBase:
         self._metadata = self.settings.call_metadata()
         self._channel = self._open_channel()
         self._stub = pb_grpc.MaxEntServiceStub(self._channel)
+        # The batch RPCs take requests already serialized by _messages.
+        self._encoded = {
+            name: self._channel.unary_unary(
+                f"/{SERVICE}/{name}",
+                request_serializer=None,
+                response_deserializer=getattr(pb, f"{name}Response").FromString,
+            )
+            for name in ENCODED_METHODS
+        }
 
     def _open_channel(self) -> Any:
         raise NotImplementedError
@@ -91,7 +101,7 @@ class MaxEntClient(ClientBase):
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         try:
-            return getattr(self._stub, method)(
+            return (self._encoded.get(method) or getattr(self._stub, method))(
                 request,
                 timeout=self.timeout if timeout is None else timeout,
                 wait_for_ready=self.wait_for_ready,

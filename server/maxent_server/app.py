@@ -14,13 +14,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 
 from .auth import Authorizer, TokenFileError
 from .engine import Engine
 from .interceptor import CallInterceptor
 from .metrics import Metrics, MetricsServer
-from .service import MaxEntServicer
+from .service import MaxEntServicer, add_to_server
 from .store import StoreError, open_store
 from .tls import TlsConfigError, grpc_server_credentials, http_ssl_context, tls_files
 
@@ -145,7 +144,7 @@ class MaxEntServer:
             interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
-        pb_grpc.add_MaxEntServiceServicer_to_server(self.servicer, self.server)
+        add_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -91,7 +91,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 out = serialize(response) if serialize is not None else response
                 response_bytes = len(out)
                 if metrics is not None and maxent:
-                    metrics.observe_response(method, request, response)
+                    # An EncodedResponse carries its scalar fields as .message.
+                    metrics.observe_response(method, request, getattr(response, "message", response))
                 return out
             except asyncio.CancelledError:
                 remaining = context.time_remaining()

@@ -1,7 +1,8 @@
 """The gRPC servicer: validate, convert messages to arrays, call the engine or
 the store, convert back. Blocking work runs in executors so the event loop
 stays free: computations, reward evaluation and store calls each have their
-own pool, so a large batch never delays another run's controller update."""
+own pool, so a large batch never delays another run's controller update.
+Only small batches that need no network run on the loop (INLINE_MAX_COMPLETIONS)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import binascii
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
+import grpc
 import numpy as np
 
 from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
-from maxent_client._wire import fill
+from maxent_client._wire import encode, fill
 
 from . import convert
 from .engine import ControllerUpdate, Engine, RewardOptions, RunConfig, SeedGrpoSettings, WeightOptions, apply_update
@@ -28,7 +30,46 @@ from .store import RunRecord, RunStore
 from .validation import MAX_PAGE_SIZE, MAX_REQUEST_ID_LENGTH, Violations
 
 T = TypeVar("T")
+SERVICE = pb.DESCRIPTOR.services_by_name["MaxEntService"]
 DEFAULT_PAGE_SIZE = 100
+# Batches up to this many completions are computed on the event loop itself
+# when that needs no network: they take well under a millisecond, less than
+# the two thread switches of handing them to the compute pool. Larger batches,
+# reward functions and reads of a remote store go to the pools.
+INLINE_MAX_COMPLETIONS = 32_768
+
+
+class EncodedResponse:
+    """A response already serialized: `payload` is the whole message, arrays
+    included, written in one pass without building them into a message;
+    `message` holds the same scalar fields (what metrics read)."""
+
+    __slots__ = ("message", "payload")
+
+    def __init__(self, message: Any, **arrays: Any) -> None:
+        self.message = message
+        self.payload = encode(message, **arrays)
+
+
+def serialize_response(response: Any) -> bytes:
+    if isinstance(response, EncodedResponse):
+        return response.payload
+    return response.SerializeToString()
+
+
+def add_to_server(servicer: "MaxEntServicer", server: Any) -> None:
+    """Register `servicer` on `server` as the generated helper does, with a
+    response serializer that passes an EncodedResponse's bytes through."""
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=serialize_response,
+        )
+        for method in SERVICE.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
@@ -110,15 +151,19 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
     # -- computations ------------------------------------------------------------
 
     @translate_errors
-    async def ComputeRewardStatistics(self, request, context) -> pb.ComputeRewardStatisticsResponse:
+    async def ComputeRewardStatistics(self, request, context) -> EncodedResponse:
         v = Violations()
         v.run_id(request.run_id, required=False)
         v.raise_if_any()
-        config = (await self._get_run(request.run_id)).config if request.run_id else RunConfig()
-        pool = self._reward_pool if len(request.rewards) else self._compute
-        return await self._run(pool, self._reward_statistics, request, config)
+        if len(request.rewards):
+            return await self._run(self._reward_pool, self._reward_statistics, request)
+        small = _small_batch(request, request.utilities) and not request.seed_grpo.enabled
+        if small and (not request.run_id or self.store.local_reads):
+            return self._reward_statistics(request)
+        return await self._run(self._compute, self._reward_statistics, request)
 
-    def _reward_statistics(self, request, config: RunConfig) -> pb.ComputeRewardStatisticsResponse:
+    def _reward_statistics(self, request) -> EncodedResponse:
+        config = self.store.get_run(request.run_id).config if request.run_id else RunConfig()
         inputs = _RewardInputs.parse(request, config, self.rewards)
         per_reward: list[pb.RewardValues] = []
         valid = failed = None
@@ -140,7 +185,7 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         response = pb.ComputeRewardStatisticsResponse(
             per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std
         )
-        return fill(
+        return EncodedResponse(
             response,
             total_utils=stats.total_utils,
             advantages=stats.advantages,
@@ -182,14 +227,18 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         return utilities, failed_any, per_reward
 
     @translate_errors
-    async def ComputeWeightStats(self, request, context) -> pb.ComputeWeightStatsResponse:
+    async def ComputeWeightStats(self, request, context) -> EncodedResponse:
         v = Violations()
         v.run_id(request.run_id)
         v.raise_if_any()
-        record = await self._get_run(request.run_id)
-        return await self._run(self._compute, self._weight_stats, request, record)
+        values = request.advantages if len(request.advantages) else request.q_values
+        if _small_batch(request, values) and self.store.local_reads:
+            return self._weight_stats(request)
+        return await self._run(self._compute, self._weight_stats, request)
 
-    def _weight_stats(self, request, record: RunRecord) -> pb.ComputeWeightStatsResponse:
+    def _weight_stats(self, request) -> EncodedResponse:
+        # The run is read where the computation runs: at most one thread hop.
+        record = self.store.get_run(request.run_id)
         config, state = record.config, record.state
         options = WeightOptions(
             tau=state.tau,
@@ -210,7 +259,7 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
             beta=state.beta,
             controller_version=state.version,
         )
-        return fill(
+        return EncodedResponse(
             response,
             weights=stats.weights,
             advantage_entropy=stats.advantage_entropy,
@@ -252,6 +301,11 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
 
 
 # -- request parsing -------------------------------------------------------------
+
+
+def _small_batch(request, values) -> bool:
+    """Few enough completions (and groups) to compute on the event loop."""
+    return max(len(values), len(request.group_sizes)) <= INLINE_MAX_COMPLETIONS
 
 
 def _check_config(v: Violations, config: pb.WeightingConfig) -> None:

@@ -78,14 +78,21 @@ class Violations:
         return True
 
     def all_finite(self, field: str, values: np.ndarray) -> None:
+        # A NaN or infinity anywhere makes the sum non-finite, so one pass
+        # without temporaries clears the usual case; an overflowing sum of
+        # finite values falls through to the exact search.
+        if np.isfinite(values.sum()):
+            return
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
             self.add(f"{field}[{bad[0]}]", f"must be finite, got {float(values[bad[0]])!r}")
 
     def all_non_negative(self, field: str, values: np.ndarray) -> None:
-        bad = np.flatnonzero(values < 0)
+        if not values.size or values.min() >= 0:
+            return
+        bad = np.flatnonzero(values < 0)  # none when the minimum was NaN
         if bad.size:
-            self.add(f"{field}[{bad[0]}]", f"must be >= 0, got {int(values[bad[0]])}")
+            self.add(f"{field}[{bad[0]}]", f"must be >= 0, got {values[bad[0]].item()!r}")
 
     def group_sizes(self, sizes: np.ndarray) -> int:
         """Validate group sizes and return the number of completions."""

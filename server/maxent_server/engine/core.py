@@ -99,9 +99,13 @@ class Engine:
     def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype or self.dtype, device=self.device)
 
+    def _per_completion(self, seg: Segments, array: np.ndarray | None, dtype: torch.dtype | None = None):
+        """A flat per-completion array as a tensor in the batch's layout."""
+        return None if array is None else seg.layout(self._tensor(array, dtype))
+
     @staticmethod
     def _numpy(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.detach().to("cpu").numpy()
+        return tensor.detach().reshape(-1).to("cpu").numpy()
 
     def reward_statistics(
         self,
@@ -120,12 +124,16 @@ class Engine:
         `valid` marks completions that take part (False: excluded by a
         failed reward; advantage 0, q 0, left out of every statistic).
         """
-        seg = Segments.from_sizes(self._tensor(group_sizes, torch.int64), self.device)
-        u = self._tensor(utilities)
-        keep = self._tensor(valid, torch.bool) if valid is not None and not valid.all() else None
-        counts = self._tensor(token_counts, torch.int64) if token_counts is not None else None
+        seg = Segments.from_sizes(group_sizes, self.device)
+        u = self._per_completion(seg, utilities)
+        keep = self._per_completion(seg, valid, torch.bool) if valid is not None and not valid.all() else None
+        counts = self._per_completion(seg, token_counts, torch.int64)
         if options.zero_truncated_completion_rewards:
-            cut = self._tensor(truncated, torch.bool) if truncated is not None else torch.zeros_like(u, dtype=torch.bool)
+            cut = (
+                self._per_completion(seg, truncated, torch.bool)
+                if truncated is not None
+                else torch.zeros_like(u, dtype=torch.bool)
+            )
             if options.max_completion_len is not None and counts is not None:
                 cut = cut | (counts >= options.max_completion_len)
             u = torch.where(cut, torch.zeros_like(u), u)
@@ -158,23 +166,27 @@ class Engine:
         advantages: np.ndarray | None = None,
     ) -> WeightStats:
         """MaxEnt weights and entropy diagnostics (SPEC.md §6)."""
-        seg = Segments.from_sizes(self._tensor(group_sizes, torch.int64), self.device)
+        seg = Segments.from_sizes(group_sizes, self.device)
         if options.train_grpo_objective:
             assert advantages is not None
-            w = self._tensor(advantages)
+            w = self._per_completion(seg, advantages)
             summary = zero_entropy_summary(seg, w)
         else:
             counts = (
-                self._tensor(ref_token_counts, torch.int64)
+                self._per_completion(seg, ref_token_counts, torch.int64)
                 if ref_token_counts is not None
-                else torch.ones(seg.num_elements, dtype=torch.int64, device=self.device)
+                else torch.ones(seg.shape, dtype=torch.int64, device=self.device)
             )
-            ref = self._tensor(ref_logp_sum) if ref_logp_sum is not None else torch.zeros(seg.num_elements, dtype=self.dtype, device=self.device)
+            ref = (
+                self._per_completion(seg, ref_logp_sum)
+                if ref_logp_sum is not None
+                else torch.zeros(seg.shape, dtype=self.dtype, device=self.device)
+            )
             if options.length_normalize_ref:
-                ref = ref / counts.clamp(min=1).to(self.dtype)
+                ref = ref / counts.clamp(min=1)  # int64 counts promote to float64 exactly
             w = maxent_weights(
                 seg,
-                self._tensor(q_values),
+                self._per_completion(seg, q_values),
                 ref,
                 counts,
                 beta=options.beta,

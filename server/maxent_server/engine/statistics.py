@@ -20,8 +20,9 @@ def reward_moments(utilities: torch.Tensor, valid: torch.Tensor | None = None) -
     if values.numel() == 0:
         return 0.0, 0.0
     mean = values.mean()
-    std = torch.sqrt(((values - mean) ** 2).mean())
-    return float(mean), float(std)
+    std = (values - mean).square_().mean().sqrt_()
+    mean, std = torch.stack((mean, std)).tolist()  # one device sync, not two
+    return mean, std
 
 
 def group_advantages(
@@ -33,20 +34,25 @@ def group_advantages(
     mean and std; valid None means all take part.
     """
     if valid is None:
-        u, counts = utilities, seg.sizes.to(utilities.dtype)
+        u, counts = utilities, None
+        mean = seg.mean(u)
     else:
         u = torch.where(valid, utilities, torch.zeros_like(utilities))
         counts = seg.sum(valid.to(utilities.dtype))
-    mean = seg.sum(u) / counts.clamp(min=1)
+        mean = seg.sum(u) / counts.clamp(min=1)
     centred = u - seg.broadcast(mean)
     if valid is not None:
         centred = torch.where(valid, centred, torch.zeros_like(centred))
-    advantages = centred
-    if scale_rewards:
-        sq = seg.sum(centred**2)
+    if not scale_rewards:
+        return centred
+    sq = seg.sum(centred.square())
+    if counts is None and seg.width:
+        # Every group has width members: the Bessel divisor is one number.
+        std = (sq / (seg.width - 1)).sqrt_() if seg.width > 1 else torch.zeros_like(sq)
+    else:
+        counts = seg.sizes.to(utilities.dtype) if counts is None else counts
         std = torch.where(counts > 1, torch.sqrt(sq / (counts - 1).clamp(min=1)), torch.zeros_like(sq))
-        advantages = centred / seg.broadcast(std + ADVANTAGE_STD_EPS)
-    return advantages
+    return centred.div_(seg.broadcast(std.add_(ADVANTAGE_STD_EPS)))
 
 
 def listwise_q(
@@ -55,9 +61,9 @@ def listwise_q(
     """q = renormalised (softmax(u/T) * (1 - eps*K) + eps) over valid members."""
     t = max(temperature, Q_TEMPERATURE_FLOOR)
     if valid is None:
-        p = seg.softmax(utilities / t)
-        q = p * (1.0 - epsilon * seg.broadcast(seg.sizes.to(p.dtype))) + epsilon
-        return q / seg.broadcast(seg.sum(q))
+        q = seg.softmax(utilities if t == 1.0 else utilities / t)
+        q.mul_(1.0 - epsilon * (seg.width or seg.broadcast(seg.sizes.to(q.dtype)))).add_(epsilon)
+        return q.div_(seg.broadcast(seg.sum(q)))
     logits = torch.where(valid, utilities / t, torch.full_like(utilities, -torch.inf))
     p = seg.softmax(logits)
     p = torch.where(valid, p, torch.zeros_like(p))
@@ -88,11 +94,11 @@ def cluster_ids(group_ids: list[int], answers: list[str | None]) -> list[int]:
 def semantic_entropy(seg: Segments, clusters: torch.Tensor, loglik: torch.Tensor) -> torch.Tensor:
     """H_g = -sum_c P_c log P_c with log P_c = LSE_c(l) - LSE_g(l), per group."""
     num_clusters = int(clusters.max()) + 1 if clusters.numel() else 0
-    by_cluster = Segments(sizes=torch.bincount(clusters, minlength=num_clusters), ids=clusters)
+    by_cluster = Segments(sizes=torch.bincount(clusters, minlength=num_clusters), group_of=clusters)
     cluster_group = torch.zeros(num_clusters, dtype=torch.int64, device=clusters.device)
     cluster_group.scatter_(0, clusters, seg.ids)
     log_p = by_cluster.logsumexp(loglik) - seg.logsumexp(loglik).index_select(0, cluster_group)
-    by_group = Segments(sizes=seg.sizes, ids=cluster_group)
+    by_group = Segments(sizes=seg.sizes, group_of=cluster_group)
     return -by_group.sum(torch.exp(log_p) * log_p)
 
 
@@ -103,11 +109,14 @@ def seed_advantage_scales(
     token_counts: torch.Tensor | None,
     settings: SeedGrpoSettings,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group semantic entropy H_g and advantage scale 1 / (1 + alpha_eff H_g)."""
-    loglik = gen_logp_sum
+    """Per-group semantic entropy H_g and advantage scale 1 / (1 + alpha_eff H_g).
+
+    Clusters are ragged whatever the groups are, so this works flat."""
+    seg = seg.flat()
+    loglik = gen_logp_sum.reshape(-1)
     if settings.length_normalize_logprobs:
         assert token_counts is not None, "token_counts are required to length-normalize"
-        loglik = gen_logp_sum / token_counts.clamp(min=1).to(gen_logp_sum.dtype)
+        loglik = loglik / token_counts.reshape(-1).clamp(min=1).to(loglik.dtype)
     clusters = torch.tensor(cluster_ids(seg.ids.tolist(), answers), dtype=torch.int64, device=loglik.device)
     entropy = semantic_entropy(seg, clusters, loglik)
     alpha = settings.alpha

@@ -28,10 +28,10 @@ def maxent_weights(
 
     `ref_logp` is already length-normalized when the run asks for it.
     """
-    z = torch.log(q.clamp(min=LOG_FLOOR))
+    z = q.clamp(min=LOG_FLOOR).log_()
     if include_reference_term:
-        z = z + beta * ref_logp
-    w = seg.softmax(z / max(denominator, DENOMINATOR_FLOOR))
+        z.add_(ref_logp, alpha=beta)
+    w = seg.softmax(z.div_(max(denominator, DENOMINATOR_FLOOR)))
     if normalize_by_tokens:
         w = w * token_counts.clamp(min=1).to(w.dtype)
         w = w / seg.broadcast(seg.sum(w))
@@ -49,12 +49,15 @@ class EntropySummary:
 
 def entropy_summary(seg: Segments, weights: torch.Tensor) -> EntropySummary:
     """H_g = -sum w log max(w, 1e-12); mean, min and max over non-empty groups."""
-    entropies = 0.0 - seg.sum(weights * torch.log(weights.clamp(min=LOG_FLOOR)))
-    present = entropies[seg.nonempty]
-    advantage = weights - 1.0 / seg.broadcast(seg.sizes.clamp(min=1).to(weights.dtype))
+    entropies = seg.sum(weights.clamp(min=LOG_FLOOR).log_().mul_(weights)).neg_()
+    present = entropies if seg.width else entropies[seg.nonempty]
+    uniform = 1.0 / (seg.width or seg.broadcast(seg.sizes.clamp(min=1).to(weights.dtype)))
+    advantage = weights - uniform
     if present.numel() == 0:
         return EntropySummary(entropies, 0.0, 0.0, 0.0, advantage)
-    return EntropySummary(entropies, float(present.mean()), float(present.min()), float(present.max()), advantage)
+    low, high = torch.aminmax(present)
+    mean, low, high = torch.stack((present.mean(), low, high)).tolist()
+    return EntropySummary(entropies, mean, low, high, advantage)
 
 
 def zero_entropy_summary(seg: Segments, like: torch.Tensor) -> EntropySummary:

@@ -64,6 +64,10 @@ class StoreUnavailable(StoreError):
 class RunStore(abc.ABC):
     """Durable runs. Every method is safe to call from several threads."""
 
+    # True when get_run reads local storage and never waits on writers or
+    # the network, so the server may call it on its event loop.
+    local_reads: bool = False
+
     @abc.abstractmethod
     def create_run(self, run_id: str, config: RunConfig, now: float) -> tuple[RunRecord, bool]:
         """Create a run; return (record, created). An identical existing run is

@@ -2,6 +2,9 @@
 
 Every write commits with synchronous=FULL before the call returns, so an
 acknowledged CreateRun or UpdateController survives a kill -9 of the server.
+Writes go through one connection under a lock; get_run reads through a
+connection of the calling thread's own, which in WAL mode sees the last
+commit without waiting for a writer (hence local_reads).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class SqliteStore(RunStore):
     """Runs in one SQLite file (the parent folder is created if missing)."""
 
     FILENAME = "maxent.sqlite3"
+    local_reads = True
 
     def __init__(self, path: str | Path, *, retention: int = REQUEST_ID_RETENTION) -> None:
         path = Path(path)
@@ -61,6 +65,21 @@ class SqliteStore(RunStore):
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
+        self._readers = threading.local()
+        self._reader_connections: list[sqlite3.Connection] = []
+        self._closed = False
+
+    def _reader(self) -> sqlite3.Connection:
+        db = getattr(self._readers, "db", None)
+        if db is None:
+            with self._lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("the store is closed")
+                db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA busy_timeout=10000")
+                self._reader_connections.append(db)
+            self._readers.db = db
+        return db
 
     def _record(self, row: tuple) -> RunRecord:
         run_id, config, state, create_time = row
@@ -71,8 +90,8 @@ class SqliteStore(RunStore):
             create_time=create_time,
         )
 
-    def _fetch(self, run_id: str) -> RunRecord | None:
-        row = self._db.execute(
+    def _fetch(self, run_id: str, db: sqlite3.Connection | None = None) -> RunRecord | None:
+        row = (db or self._db).execute(
             "SELECT run_id, config, state, create_time FROM runs WHERE run_id = ?", (run_id,)
         ).fetchone()
         return self._record(row) if row else None
@@ -92,8 +111,7 @@ class SqliteStore(RunStore):
             return record, True
 
     def get_run(self, run_id: str) -> RunRecord:
-        with self._lock:
-            record = self._fetch(run_id)
+        record = self._fetch(run_id, self._reader())
         if record is None:
             raise RunNotFound(run_id)
         return record
@@ -147,6 +165,9 @@ class SqliteStore(RunStore):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            for db in self._reader_connections:
+                db.close()
             self._db.close()
 
     def _transaction(self) -> "_Transaction":
