@@ -116,6 +116,27 @@ def _scrape(live) -> dict:
     return samples(text)
 
 
+def test_a_reward_call_past_its_deadline_leaves_no_queued_work(live):
+    """32 completions that each take the server's whole 2 s limit: 32 s of
+    work for 2 workers. While the call runs the queue gauge shows them; once
+    its 1.5 s deadline passes the server drops what is still queued."""
+    request = pb.ComputeRewardStatisticsRequest(
+        group_sizes=[32], completions=[f"SLEEP {k}" for k in range(32)], answers=[""],
+        rewards=[pb.RewardTerm(name="sleepy", weight=1.0)],
+    )
+    call = live.stub.ComputeRewardStatistics.future(request, timeout=1.5)
+    seen = 0.0
+    while not call.done():
+        seen = max(seen, value(_scrape(live), "maxent_reward_queued_items"))
+        time.sleep(0.05)
+    assert call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert seen > 0
+    deadline = time.monotonic() + 5
+    while value(_scrape(live), "maxent_reward_queued_items") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert value(_scrape(live), "maxent_reward_queued_items") == 0
+
+
 def test_values_move_while_calls_run(live):
     stub = live.stub
     run = "metrics/moving"

@@ -16,6 +16,7 @@ from math_verify import parse, verify
 
 from maxent_server.rewards import ParamSpec, RewardRegistry, RewardRunner, TermSpec
 from maxent_server.rewards.params import parse_params
+from maxent_server.rewards.pool import Cancelled
 
 TIMEOUT = 1.0
 
@@ -443,6 +444,23 @@ def test_hung_and_dead_workers_are_replaced(runner):
     while runner.stats()["workers_alive"] < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert runner.stats()["workers_alive"] == 2
+
+
+def test_cancelled_evaluation_drops_its_queued_work(runner):
+    """20 items that each run into the 1 s limit: 10 s of work for 2 workers.
+    Cancelled after 0.5 s, nothing of it stays queued."""
+    completions = [f"SLEEP {k}" for k in range(20)]  # distinct: no deduplication
+    cancelled = threading.Event()
+    timer = threading.Timer(0.5, cancelled.set)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        runner.evaluate([term("sleepy")], completions, [""] * 20, None, None, cancelled)
+    assert time.monotonic() - started < 5 * TIMEOUT  # not the 10 s the whole batch needs
+    assert runner.stats()["queued_items"] == 0
+    # Only the chunks already in a worker finish; then the pool serves again.
+    values, _ = values_of(runner, "keyword_match", ["ab"], keyword="a")
+    assert values.tolist() == [1.0]
 
 
 def test_concurrent_evaluate(runner):

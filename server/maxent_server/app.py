@@ -137,6 +137,8 @@ class MaxEntServer:
         self.rewards = _reward_runner(s)
         if self.metrics is not None and self.rewards is not None:
             self.metrics.declare_rewards(f.name for f in self.rewards.list_functions())
+            rewards = self.rewards
+            self.metrics.watch_reward_queue(lambda: rewards.stats()["queued_items"])
         self.servicer = MaxEntServicer(self.store, self.engine, self.rewards, observer=self.metrics)
         limit = s.max_message_mb * 1024 * 1024
         interceptor = CallInterceptor(metrics=self.metrics, authorizer=self.authorizer, access_log=s.access_log)

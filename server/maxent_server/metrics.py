@@ -225,6 +225,11 @@ class Metrics:
         self.reward_timeouts = Counter(
             "maxent_reward_timeouts", "Completions whose reward function ran out of time.", ["reward"], registry=r
         )
+        self.reward_queue = Gauge(
+            "maxent_reward_queued_items",
+            "Reward work items waiting for a worker process (a call that gave up leaves none behind).",
+            registry=r,
+        )
         self.controller_updates = Counter(
             "maxent_controller_updates", "Controller updates applied (replays not included).", registry=r
         )
@@ -289,6 +294,10 @@ class Metrics:
             self.runs.remove(request.run_id)
 
     # -- rewards (ServiceObserver) ---------------------------------------------------
+
+    def watch_reward_queue(self, queued_items: Callable[[], float]) -> None:
+        """Read the reward queue length at each scrape."""
+        self.reward_queue.set_function(queued_items)
 
     def declare_rewards(self, names: Iterable[str]) -> None:
         """Start the reward series at zero so rates exist from the first scrape."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -156,20 +157,27 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         v.run_id(request.run_id, required=False)
         v.raise_if_any()
         if len(request.rewards):
-            return await self._run(self._reward_pool, self._reward_statistics, request)
+            cancelled = threading.Event()
+            try:
+                return await self._run(self._reward_pool, self._reward_statistics, request, cancelled)
+            except asyncio.CancelledError:
+                # The client went away or its deadline passed: free the
+                # reward workers of this call's queued work.
+                cancelled.set()
+                raise
         small = _small_batch(request, request.utilities) and not request.seed_grpo.enabled
         if small and (not request.run_id or self.store.local_reads):
             return self._reward_statistics(request)
         return await self._run(self._compute, self._reward_statistics, request)
 
-    def _reward_statistics(self, request) -> EncodedResponse:
+    def _reward_statistics(self, request, cancelled: threading.Event | None = None) -> EncodedResponse:
         config = self.store.get_run(request.run_id).config if request.run_id else RunConfig()
         inputs = _RewardInputs.parse(request, config, self.rewards)
         per_reward: list[pb.RewardValues] = []
         valid = failed = None
         utilities = inputs.utilities
         if inputs.terms:
-            utilities, failed, per_reward = self._evaluate_rewards(request, inputs)
+            utilities, failed, per_reward = self._evaluate_rewards(request, inputs, cancelled)
             if request.on_failure != pb.REWARD_FAILURE_POLICY_ZERO:
                 valid = ~failed
         stats = self.engine.reward_statistics(
@@ -195,13 +203,14 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
             failed=failed,
         )
 
-    def _evaluate_rewards(self, request, inputs: "_RewardInputs"):
+    def _evaluate_rewards(self, request, inputs: "_RewardInputs", cancelled: threading.Event | None):
         """Utilities, the per-completion failure mask and per-reward values."""
         terms = inputs.terms
         answers = np.repeat(np.asarray(list(request.answers) or [""] * len(inputs.group_sizes), dtype=object), inputs.group_sizes)
         started = time.perf_counter()
         evaluation = self.rewards.evaluate(
-            terms, list(request.completions), answers.tolist(), inputs.token_counts, inputs.options.max_completion_len
+            terms, list(request.completions), answers.tolist(), inputs.token_counts, inputs.options.max_completion_len,
+            cancelled,
         )
         if self.observer is not None:
             self.observer.rewards_evaluated([t.name for t in terms], evaluation, time.perf_counter() - started)

@@ -72,6 +72,10 @@ def default_context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
+class Cancelled(Exception):
+    """The caller gave up on a job (its RPC was cancelled or ran out of time)."""
+
+
 class _Job:
     def __init__(self, items: Sequence[tuple[Any, ...]], chunk: int) -> None:
         self.items = items
@@ -90,9 +94,9 @@ class _Job:
             if self.remaining == 0:
                 self.done.set()
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str, status: str = "error") -> None:
         for key in range(len(self.items)):
-            self.finish(key, ItemResult("error", None, message))
+            self.finish(key, ItemResult(status, None, message))
         self.pending.clear()
 
 
@@ -164,8 +168,12 @@ class WorkerPool:
 
     # -- public ----------------------------------------------------------------
 
-    def run(self, items: Sequence[tuple[Any, ...]]) -> list[ItemResult]:
-        """Run ``items``; one result per item, in order. Thread-safe; blocks."""
+    def run(self, items: Sequence[tuple[Any, ...]], cancelled: threading.Event | None = None) -> list[ItemResult]:
+        """Run ``items``; one result per item, in order. Thread-safe; blocks.
+
+        Once ``cancelled`` is set, chunks not yet started are dropped and
+        Cancelled is raised; items already in a worker run to their end (or
+        time limit) and their results are discarded."""
         if not items:
             return []
         chunk = max(1, min(MAX_CHUNK, -(-len(items) // (8 * self.size))))
@@ -177,7 +185,15 @@ class WorkerPool:
             job.queued = True
             self._started = True
         self._wake()
-        while not job.done.wait(0.5):
+        poll = 0.05 if cancelled is not None else 0.5
+        while not job.done.wait(poll):
+            if cancelled is not None and cancelled.is_set():
+                with self._lock:
+                    dropped = job.remaining
+                    # The dispatcher skips a job with nothing pending; results
+                    # of items still in a worker land on finished keys.
+                    job.fail_all("cancelled by the caller", status="cancelled")
+                raise Cancelled(f"{dropped} of {len(items)} work items dropped")
             if not self._thread.is_alive():
                 with self._lock:
                     job.fail_all("the reward worker pool stopped")
@@ -186,6 +202,7 @@ class WorkerPool:
     def stats(self) -> dict[str, int]:
         with self._lock:
             out = dict(self._stats)
+            out["queued_items"] = sum(len(chunk) for job in self._jobs for chunk in job.pending)
         workers = list(self._workers)
         out["workers_alive"] = len(workers)
         out["workers_ready"] = sum(1 for w in workers if w.ready)

@@ -198,8 +198,12 @@ class RewardRunner:
         answers: Sequence[str],
         token_counts: np.ndarray | None,
         max_completion_len: int | None,
+        cancelled: threading.Event | None = None,
     ) -> Evaluation:
         """Raw values of every term for every completion.
+
+        Setting ``cancelled`` (from another thread) stops queued work and
+        raises pool.Cancelled.
 
         ``answers`` holds the gold answer of each completion (its group's,
         repeated), ``len(answers) == len(completions)``; it may be empty when
@@ -232,7 +236,7 @@ class RewardRunner:
 
         features: list[ItemResult] | None = None
         if any(spec.name in _FEATURE_TERMS and spec.kind != KIND_PLUGIN for spec, _ in resolved):
-            features = self._features(completions)
+            features = self._features(completions, cancelled)
 
         items: list[tuple[Any, ...]] = []
         item_index: dict[tuple[Any, ...], int] = {}
@@ -289,7 +293,7 @@ class RewardRunner:
             else:  # pragma: no cover - every builtin is handled above
                 raise ValueError(f"reward function {name!r} has no implementation")
 
-        results = self._pool.run(items) if items else []
+        results = self._pool.run(items, cancelled) if items else []
         for r, i, idx in links:
             result = results[idx]
             if result.status == "ok":
@@ -298,7 +302,7 @@ class RewardRunner:
                 failures.add(r, i, resolved[r][0].name, result.status, result.message)
         return Evaluation(values, failed, timed_out, failures.summary())
 
-    def _features(self, completions: Sequence[str]) -> list[ItemResult]:
+    def _features(self, completions: Sequence[str], cancelled: threading.Event | None) -> list[ItemResult]:
         """(last boxed payload, final answer) per completion, or why it is unknown."""
         by_text: dict[str, list[int]] = {}
         for i, text in enumerate(completions):
@@ -313,7 +317,7 @@ class RewardRunner:
             for i in positions:
                 out[i] = result
         if slow:
-            results = self._pool.run([(ITEM_EXTRACT, text) for text in slow])
+            results = self._pool.run([(ITEM_EXTRACT, text) for text in slow], cancelled)
             for text, result in zip(slow, results):
                 for i in by_text[text]:
                     out[i] = result
