@@ -13,18 +13,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-
 from .auth import Authorizer, TokenFileError
 from .engine import Engine
 from .interceptor import CallInterceptor
 from .metrics import Metrics, MetricsServer
-from .service import MaxEntServicer, add_to_server
+from .service import SERVICE, MaxEntServicer, add_to_server
 from .store import StoreError, open_store
 from .tls import TlsConfigError, grpc_server_credentials, http_ssl_context, tls_files
 
 log = logging.getLogger("maxent_server")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MaxEntService"].full_name
+SERVICE_NAME = SERVICE.full_name
 
 
 @dataclass
