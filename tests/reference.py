@@ -122,17 +122,44 @@ def reward_moments(utilities: Sequence[float]) -> tuple[float, float]:
 # §3 group advantages
 
 
-def group_advantages(utilities: Sequence[float], scale_rewards: bool = True) -> list[float]:
-    """One group: A_i = u_i - mean, / (Bessel std + 1e-4) when scaling."""
+def bessel_std(values: Sequence[float]) -> float:
+    """Sample standard deviation (divide by n - 1); 0 for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    m = mean(values)
+    return math.sqrt(math.fsum((v - m) ** 2 for v in values) / (n - 1))
+
+
+def group_advantages(
+    utilities: Sequence[float], scale_rewards: bool | str = True, *, baseline: str = "group_mean",
+    batch_std: float | None = None,
+) -> list[float]:
+    """One group: A_i = u_i - b_i, divided by (std + 1e-4) when scaling.
+
+    b_i: the group mean, or with baseline "leave_one_out" the plain mean of
+    the other members (0 advantage for a group of one). std: the group's
+    Bessel std ("group", or True), `batch_std` ("batch"), none ("none", False).
+    """
     k = len(utilities)
     if k == 0:
         return []
-    m = mean(utilities)
-    centred = [u - m for u in utilities]
-    if not scale_rewards:
+    mode = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
+    if baseline == "leave_one_out":
+        total = math.fsum(utilities)
+        centred = [u - (total - u) / (k - 1) if k > 1 else 0.0 for u in utilities]
+    else:
+        m = mean(utilities)
+        centred = [u - m for u in utilities]
+    if mode == "none":
         return centred
-    std = math.sqrt(math.fsum(c * c for c in centred) / (k - 1)) if k > 1 else 0.0
+    std = bessel_std(utilities) if mode == "group" else batch_std
     return [c / (std + ADV_EPS) for c in centred]
+
+
+def zero_variance(utilities: Sequence[float]) -> bool:
+    """A group with fewer than two utilities, or all within 1e-8 of each other."""
+    return len(utilities) < 2 or max(utilities) - min(utilities) <= 1e-8
 
 
 # --------------------------------------------------------------------------
@@ -275,6 +302,7 @@ class RewardResult:
     reward_std: float
     seed_semantic_entropies: Optional[list[float]] = None
     seed_advantage_scales: Optional[list[float]] = None
+    zero_variance_groups: Optional[list[bool]] = None
 
 
 def reward_statistics(
@@ -286,7 +314,8 @@ def reward_statistics(
     truncated: Optional[Sequence[bool]] = None,
     zero_truncated_completion_rewards: bool = False,
     max_completion_len: Optional[int] = None,
-    scale_rewards: bool = True,
+    scale_rewards: bool | str = True,
+    baseline: str = "group_mean",
     q_temperature: float = 1.0,
     q_epsilon: float = 1e-6,
     seed: Optional[dict] = None,
@@ -299,13 +328,16 @@ def reward_statistics(
         u = zero_truncated(u, truncated, token_counts, max_completion_len)
     keep = [True] * n if valid is None else [bool(v) for v in valid]
     m, s = reward_moments([u[i] for i in range(n) if keep[i]])
+    everyone = bessel_std([u[i] for i in range(n) if keep[i]])
     advantages = [0.0] * n
     q = [0.0] * n
+    flat_groups = []
     start = 0
     for k in group_sizes:
         members = [i for i in range(start, start + k) if keep[i]]
         group_u = [u[i] for i in members]
-        for i, a in zip(members, group_advantages(group_u, scale_rewards)):
+        flat_groups.append(zero_variance(group_u))
+        for i, a in zip(members, group_advantages(group_u, scale_rewards, baseline=baseline, batch_std=everyone)):
             advantages[i] = a
         for i, qi in zip(members, listwise_q(group_u, q_temperature, q_epsilon)):
             q[i] = qi
@@ -318,7 +350,7 @@ def reward_statistics(
             for i in range(start, start + k):
                 advantages[i] *= scales[g]
             start += k
-    return RewardResult(u, advantages, q, m, s, entropies, scales)
+    return RewardResult(u, advantages, q, m, s, entropies, scales, flat_groups)
 
 
 # --------------------------------------------------------------------------

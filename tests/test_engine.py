@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
 
 from maxent_server.engine import (  # noqa: E402
+    Baseline,
     Denominator,
     Engine,
     RewardOptions,
@@ -106,6 +107,8 @@ def check_rewards(sizes, utils, options=RewardOptions(), **kw):
         zero_truncated_completion_rewards=options.zero_truncated_completion_rewards,
         max_completion_len=options.max_completion_len,
         scale_rewards=options.scale_rewards,
+        baseline=options.advantage_baseline.value if hasattr(options.advantage_baseline, "value")
+        else options.advantage_baseline,
         q_temperature=options.q_temperature,
         q_epsilon=options.q_epsilon,
         seed=seed_dict(options.seed_grpo),
@@ -117,6 +120,7 @@ def check_rewards(sizes, utils, options=RewardOptions(), **kw):
     assert_close(got.q_values, want.q_values, what="q")
     assert_close(got.reward_mean, want.reward_mean, what="reward_mean")
     assert_close(got.reward_std, want.reward_std, what="reward_std")
+    assert got.zero_variance_groups.tolist() == want.zero_variance_groups, "zero_variance_groups"
     if options.seed_grpo is None:
         assert got.seed_semantic_entropies is None and got.seed_advantage_scales is None
     else:
@@ -217,6 +221,29 @@ def test_empty_batch():
     assert got.advantages.shape == (0,) and got.reward_mean == 0.0 and got.reward_std == 0.0
     got, _ = check_rewards([0, 0], [])
     assert got.q_values.shape == (0,)
+
+
+def test_batch_scaling_and_leave_one_out_hand_computed(engine):
+    sizes, utils = [3, 2], [1.0, 0.0, 0.5, 0.2, 0.9]
+    batch_std = float(np.std(utils, ddof=1))  # 0.432434...
+    got = engine.reward_statistics(np.array(sizes), np.array(utils), RewardOptions(scale_rewards="batch"))
+    want = [0.5, -0.5, 0.0, -0.35, 0.35]
+    assert_close(got.advantages, [a / (batch_std + 1e-4) for a in want])
+    rloo = engine.reward_statistics(np.array(sizes), np.array(utils),
+                                    RewardOptions(scale_rewards="none", advantage_baseline=Baseline.LEAVE_ONE_OUT))
+    # u_i minus the mean of the others: 1 - 0.25, 0 - 0.75, 0.5 - 0.5; 0.2 - 0.9, 0.9 - 0.2
+    assert_close(rloo.advantages, [0.75, -0.75, 0.0, -0.7, 0.7])
+
+
+def test_zero_variance_groups(engine):
+    sizes = np.array([3, 2, 1, 0, 2])
+    utils = np.array([1.0, 1.0, 1.0, 0.0, 1.0, 5.0, 2.0, 2.0 + 1e-9])
+    got = engine.reward_statistics(sizes, utils, RewardOptions())
+    assert got.zero_variance_groups.tolist() == [True, False, True, True, True]
+    # a failed (excluded) completion does not count: the rest are all equal
+    valid = np.array([True, True, True, False, True, True, True, True])
+    masked = engine.reward_statistics(sizes, utils, RewardOptions(), valid=valid)
+    assert masked.zero_variance_groups.tolist() == [True, True, True, True, True]
 
 
 def test_all_equal_group_has_zero_advantage_and_uniform_q():
@@ -595,16 +622,18 @@ def ragged_batches(draw, max_groups=7, max_size=7):
 @given(
     batch=ragged_batches(),
     data=st.data(),
-    scale=st.booleans(),
+    scale=st.sampled_from([True, False, "group", "batch", "none"]),
+    baseline=st.sampled_from(["group_mean", "leave_one_out"]),
     temperature=st.sampled_from([1.0, 0.5, 2.0, 1e-9, 0.05]),
     epsilon=st.sampled_from([1e-6, 0.0, 1e-3, 0.05]),
 )
 @HYPO
-def test_reward_statistics_match_reference(batch, data, scale, temperature, epsilon):
+def test_reward_statistics_match_reference(batch, data, scale, baseline, temperature, epsilon):
     sizes, utils = batch
     n = len(utils)
     valid = data.draw(st.one_of(st.none(), st.lists(st.booleans(), min_size=n, max_size=n)), label="valid")
-    options = RewardOptions(q_temperature=temperature, q_epsilon=epsilon, scale_rewards=scale)
+    options = RewardOptions(q_temperature=temperature, q_epsilon=epsilon, scale_rewards=scale,
+                            advantage_baseline=Baseline(baseline))
     got, _ = check_rewards(sizes, utils, options, valid=valid)
     keep = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
     assert np.all(got.q_values[~keep] == 0.0) and np.all(got.advantages[~keep] == 0.0)

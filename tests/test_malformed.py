@@ -112,6 +112,29 @@ def test_compute_weight_stats(stub, group_sizes, q, ref, counts_, include, by_to
 
 
 @FUZZ
+@given(group_sizes=sizes, utilities=st.lists(floats, max_size=12), ref=st.lists(floats, max_size=12),
+       counts_=st.lists(counts, max_size=12), include=st.none() | st.booleans(), by_tokens=st.booleans(),
+       scale=st.none() | st.booleans(), scaling=st.integers(-1, 5), baseline=st.integers(-1, 4),
+       completions=st.lists(texts, max_size=6), reward_names=st.lists(st.sampled_from(["format", "length", "nope"]),
+                                                                     max_size=2),
+       run=st.sampled_from([RUN, RUN, "", "missing-run", "bad id!"]))
+def test_compute_step_statistics(stub, group_sizes, utilities, ref, counts_, include, by_tokens, scale, scaling,
+                                 baseline, completions, reward_names, run):
+    request = pb.ComputeStepStatisticsRequest(
+        run_id=run, group_sizes=group_sizes, utilities=utilities, ref_logp_sum=ref, ref_token_counts=counts_,
+        normalize_by_tokens=by_tokens, advantage_scaling=scaling, advantage_baseline=baseline,
+        completions=completions,
+    )
+    for name in reward_names:
+        request.rewards.add(name=name, weight=1.0)
+    if include is not None:
+        request.include_reference_term = include
+    if scale is not None:
+        request.scale_rewards = scale
+    _check(stub, stub.ComputeStepStatistics, request)
+
+
+@FUZZ
 @given(step=st.integers(-3, 10**12), entropy=st.none() | floats, kl=st.none() | floats, tau_grad=st.none() | floats,
        lr_scale=st.none() | floats, expected=st.none() | st.integers(-2, 5), request_id=st.text(max_size=140),
        run=st.sampled_from([RUN, RUN, "", "missing-run", "bad id!"]))

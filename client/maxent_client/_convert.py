@@ -10,23 +10,57 @@ import numpy as np
 from ._generated.maxent.v1 import maxent_pb2 as pb
 from .models import ControllerState, Denominator, Run, WeightingConfig
 
-_OPTIONAL_CONFIG = {"length_normalize_ref", "q_temperature", "q_epsilon", "scale_rewards", "target_entropy",
+_OPTIONAL_CONFIG = {"length_normalize_ref", "q_temperature", "q_epsilon", "target_entropy",
                     "target_entropy_start", "target_entropy_final"}
+_ADVANTAGE_OPTIONS = {"scale_rewards", "advantage_baseline"}
+SCALINGS = {"group": pb.ADVANTAGE_SCALING_GROUP, "batch": pb.ADVANTAGE_SCALING_BATCH, "none": pb.ADVANTAGE_SCALING_NONE}
+BASELINES = {"group_mean": pb.ADVANTAGE_BASELINE_GROUP_MEAN, "leave_one_out": pb.ADVANTAGE_BASELINE_LEAVE_ONE_OUT,
+             "rloo": pb.ADVANTAGE_BASELINE_LEAVE_ONE_OUT}
+
+
+def set_advantage_options(msg: Any, scale_rewards: bool | str | None, advantage_baseline: str | None) -> None:
+    """Write `scale_rewards` (a bool, or TRL's "group" | "batch" | "none") and
+    `advantage_baseline` ("group_mean" | "leave_one_out") into a message."""
+    if isinstance(scale_rewards, (bool, np.bool_)):
+        msg.scale_rewards = bool(scale_rewards)
+    elif scale_rewards is not None:
+        if scale_rewards not in SCALINGS:
+            raise ValueError(f"scale_rewards must be True, False or one of {sorted(SCALINGS)}, got {scale_rewards!r}")
+        msg.advantage_scaling = SCALINGS[scale_rewards]
+    if advantage_baseline is not None:
+        if advantage_baseline not in BASELINES:
+            raise ValueError(f"advantage_baseline must be one of {sorted(BASELINES)}, got {advantage_baseline!r}")
+        msg.advantage_baseline = BASELINES[advantage_baseline]
+
+
+def _scale_rewards_from(msg: pb.WeightingConfig) -> bool | str | None:
+    if msg.advantage_scaling == pb.ADVANTAGE_SCALING_BATCH:
+        return "batch"
+    if msg.advantage_scaling != pb.ADVANTAGE_SCALING_UNSPECIFIED:
+        return msg.advantage_scaling == pb.ADVANTAGE_SCALING_GROUP
+    return msg.scale_rewards if msg.HasField("scale_rewards") else None
 
 
 def config_to_proto(config: WeightingConfig) -> pb.WeightingConfig:
     msg = pb.WeightingConfig()
     for name in WeightingConfig.field_names():
         value = getattr(config, name)
-        if value is None:
+        if value is None or name in _ADVANTAGE_OPTIONS:
             continue
         setattr(msg, name, value.value if isinstance(value, Denominator) else value)
+    set_advantage_options(msg, config.scale_rewards, config.advantage_baseline)
     return msg
 
 
 def config_from_proto(msg: pb.WeightingConfig) -> WeightingConfig:
-    values = {}
+    values: dict[str, Any] = {
+        "scale_rewards": _scale_rewards_from(msg),
+        "advantage_baseline": {pb.ADVANTAGE_BASELINE_GROUP_MEAN: "group_mean",
+                               pb.ADVANTAGE_BASELINE_LEAVE_ONE_OUT: "leave_one_out"}.get(msg.advantage_baseline),
+    }
     for name in WeightingConfig.field_names():
+        if name in _ADVANTAGE_OPTIONS:
+            continue
         if name in _OPTIONAL_CONFIG:
             values[name] = getattr(msg, name) if msg.HasField(name) else None
         elif name == "denominator":

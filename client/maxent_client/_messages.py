@@ -16,6 +16,7 @@ from .models import (
     RewardTerm,
     RewardValues,
     SeedGrpo,
+    StepStatistics,
     UpdateResult,
     WeightStats,
 )
@@ -54,15 +55,23 @@ def reward_request(
     run_id: str = "",
     q_temperature: float | None = None,
     q_epsilon: float | None = None,
-    scale_rewards: bool | None = None,
+    scale_rewards: bool | str | None = None,
+    advantage_baseline: str | None = None,
     zero_truncated_completion_rewards: bool | None = None,
     max_completion_len: int | None = None,
     seed_grpo: SeedGrpo | bool | None = None,
     on_failure: FailurePolicy | None = None,
+    message: Any = None,
+    **arrays: Any,
 ) -> tuple[bytes, np.ndarray]:
-    """The serialized request (arrays encoded by numpy) and its group sizes."""
+    """The serialized request (arrays encoded by numpy) and its group sizes.
+
+    `message` (default a new ComputeRewardStatisticsRequest) is filled in;
+    ComputeStepStatisticsRequest has the same reward fields, and `arrays`
+    adds its further per-completion arrays."""
     sizes = group_sizes_for(group_sizes, utilities if utilities is not None else completions)
-    request = pb.ComputeRewardStatisticsRequest(run_id=run_id)
+    request = pb.ComputeRewardStatisticsRequest() if message is None else message
+    request.run_id = run_id
     if completions is not None:
         request.completions.extend(cv.strings(completions))
     if answers is not None:
@@ -73,10 +82,10 @@ def reward_request(
         request,
         q_temperature=q_temperature,
         q_epsilon=q_epsilon,
-        scale_rewards=scale_rewards,
         zero_truncated_completion_rewards=zero_truncated_completion_rewards,
         max_completion_len=max_completion_len,
     )
+    cv.set_advantage_options(request, scale_rewards, advantage_baseline)
     if seed_grpo:
         options = seed_grpo if isinstance(seed_grpo, SeedGrpo) else SeedGrpo()
         request.seed_grpo.enabled = True
@@ -90,11 +99,37 @@ def reward_request(
         token_counts=_flat(token_counts, np.int64),
         truncated=_flat(truncated, np.bool_),
         gen_logp_sum=_flat(gen_logp_sum, np.float64),
+        **arrays,
     )
     return payload, sizes
 
 
-def reward_result(reply: pb.ComputeRewardStatisticsResponse, sizes: np.ndarray) -> RewardStatistics:
+def step_request(
+    run_id: str,
+    *,
+    ref_logp_sum: Any = None,
+    ref_token_counts: Any = None,
+    include_reference_term: bool | None = None,
+    normalize_by_tokens: bool = False,
+    **reward_fields: Any,
+) -> tuple[bytes, np.ndarray]:
+    """A ComputeStepStatistics request: the reward fields (reward_request's
+    keywords) plus the reference arrays of the weights."""
+    message = pb.ComputeStepStatisticsRequest(normalize_by_tokens=normalize_by_tokens)
+    set_optional(message, include_reference_term=include_reference_term)
+    return reward_request(
+        run_id=run_id, message=message, ref_logp_sum=_flat(ref_logp_sum, np.float64),
+        ref_token_counts=_flat(ref_token_counts, np.int64), **reward_fields,
+    )
+
+
+def step_result(reply: pb.ComputeStepStatisticsResponse, sizes: np.ndarray) -> StepStatistics:
+    rewards, weights = reward_result(reply, sizes), weight_result(reply, sizes)
+    values = {**weights.__dict__, **rewards.__dict__}
+    return StepStatistics(**values)
+
+
+def reward_result(reply: Any, sizes: np.ndarray) -> RewardStatistics:
     return RewardStatistics(
         group_sizes=sizes,
         total_utils=array(reply.total_utils),
@@ -109,6 +144,7 @@ def reward_result(reply: pb.ComputeRewardStatisticsResponse, sizes: np.ndarray) 
         failed=array(reply.failed, np.bool_),
         seed_semantic_entropies=array(reply.seed_semantic_entropies),
         seed_advantage_scales=array(reply.seed_advantage_scales),
+        zero_variance_groups=array(reply.zero_variance_groups, np.bool_),
     )
 
 
@@ -138,7 +174,7 @@ def weight_request(
     return payload, sizes
 
 
-def weight_result(reply: pb.ComputeWeightStatsResponse, sizes: np.ndarray) -> WeightStats:
+def weight_result(reply: Any, sizes: np.ndarray) -> WeightStats:
     return WeightStats(
         group_sizes=sizes,
         weights=array(reply.weights),

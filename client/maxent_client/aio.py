@@ -19,6 +19,7 @@ from .models import (
     RewardTerm,
     Run,
     SeedGrpo,
+    StepStatistics,
     UpdateResult,
     WeightingConfig,
     WeightStats,
@@ -97,7 +98,8 @@ class AsyncMaxEntClient(ClientBase):
         run_id: str = "",
         q_temperature: float | None = None,
         q_epsilon: float | None = None,
-        scale_rewards: bool | None = None,
+        scale_rewards: bool | str | None = None,
+        advantage_baseline: str | None = None,
         zero_truncated_completion_rewards: bool | None = None,
         max_completion_len: int | None = None,
         seed_grpo: SeedGrpo | bool | None = None,
@@ -107,13 +109,18 @@ class AsyncMaxEntClient(ClientBase):
         """Utilities (precomputed, or from reward terms on completions), moments,
         GRPO advantages and the listwise target q.
 
+        `scale_rewards`: True or "group" divides by each group's std, "batch"
+        by the whole batch's, False or "none" not at all; `advantage_baseline`
+        "leave_one_out" (RLOO) subtracts the mean of the other completions of
+        the group instead of the group mean.
+
         Per-completion inputs are flat with `group_sizes`, or nested per group
         (then group_sizes is computed from `utilities` or `completions`)."""
         request, sizes = msg.reward_request(
             utilities=utilities, completions=completions, answers=answers, rewards=rewards, group_sizes=group_sizes,
             token_counts=token_counts, truncated=truncated, gen_logp_sum=gen_logp_sum, run_id=run_id,
             q_temperature=q_temperature, q_epsilon=q_epsilon, scale_rewards=scale_rewards,
-            zero_truncated_completion_rewards=zero_truncated_completion_rewards,
+            advantage_baseline=advantage_baseline, zero_truncated_completion_rewards=zero_truncated_completion_rewards,
             max_completion_len=max_completion_len, seed_grpo=seed_grpo, on_failure=on_failure,
         )
         return msg.reward_result(await self._call("ComputeRewardStatistics", request, timeout), sizes)
@@ -138,6 +145,46 @@ class AsyncMaxEntClient(ClientBase):
             normalize_by_tokens=normalize_by_tokens,
         )
         return msg.weight_result(await self._call("ComputeWeightStats", request, timeout), sizes)
+
+    async def compute_step_statistics(
+        self,
+        run_id: str,
+        *,
+        utilities: Any = None,
+        completions: Any = None,
+        answers: Sequence[str] | None = None,
+        rewards: Sequence[RewardTerm] = (),
+        group_sizes: Any = None,
+        token_counts: Any = None,
+        truncated: Any = None,
+        gen_logp_sum: Any = None,
+        ref_logp_sum: Any = None,
+        ref_token_counts: Any = None,
+        include_reference_term: bool | None = None,
+        normalize_by_tokens: bool = False,
+        q_temperature: float | None = None,
+        q_epsilon: float | None = None,
+        scale_rewards: bool | str | None = None,
+        advantage_baseline: str | None = None,
+        zero_truncated_completion_rewards: bool | None = None,
+        max_completion_len: int | None = None,
+        seed_grpo: SeedGrpo | bool | None = None,
+        on_failure: FailurePolicy | None = None,
+        timeout: float | None = None,
+    ) -> StepStatistics:
+        """One training step in one round trip: compute_reward_statistics on
+        the batch, then the run's MaxEnt weights of its q with these reference
+        log-probs (compute_weight_stats), read at one controller version."""
+        request, sizes = msg.step_request(
+            run_id, ref_logp_sum=ref_logp_sum, ref_token_counts=ref_token_counts,
+            include_reference_term=include_reference_term, normalize_by_tokens=normalize_by_tokens,
+            utilities=utilities, completions=completions, answers=answers, rewards=rewards, group_sizes=group_sizes,
+            token_counts=token_counts, truncated=truncated, gen_logp_sum=gen_logp_sum, q_temperature=q_temperature,
+            q_epsilon=q_epsilon, scale_rewards=scale_rewards, advantage_baseline=advantage_baseline,
+            zero_truncated_completion_rewards=zero_truncated_completion_rewards,
+            max_completion_len=max_completion_len, seed_grpo=seed_grpo, on_failure=on_failure,
+        )
+        return msg.step_result(await self._call("ComputeStepStatistics", request, timeout), sizes)
 
     # -- controller ----------------------------------------------------------------
 

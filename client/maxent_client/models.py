@@ -34,7 +34,9 @@ class WeightingConfig:
     length_normalize_ref: bool | None = None
     q_temperature: float | None = None
     q_epsilon: float | None = None
-    scale_rewards: bool | None = None
+    # True or "group": divide by the group's std; "batch": by the batch's;
+    # False or "none": no scaling.
+    scale_rewards: bool | str | None = None
     train_grpo_objective: bool = False
     target_entropy: float | None = None
     target_entropy_start: float | None = None
@@ -51,6 +53,8 @@ class WeightingConfig:
     meta_tau_lr: float = 0.0
     meta_beta_lr: float = 0.0
     meta_beta_grad_clip: float = 0.0
+    # "group_mean" (default) or "leave_one_out" (RLOO).
+    advantage_baseline: str | None = None
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -137,6 +141,7 @@ class RewardStatistics:
     failed: np.ndarray
     seed_semantic_entropies: np.ndarray
     seed_advantage_scales: np.ndarray
+    zero_variance_groups: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def grouped(self) -> dict[str, list[np.ndarray]]:
         """Per-completion arrays split into one array per group."""
@@ -164,6 +169,40 @@ class WeightStats:
     def grouped(self) -> dict[str, list[np.ndarray]]:
         """Per-completion arrays split into one array per group."""
         return {name: _split(getattr(self, name), self.group_sizes) for name in ("weights", "advantage_entropy")}
+
+
+@dataclass(frozen=True)
+class StepStatistics:
+    """Result of compute_step_statistics: a training step's reward statistics
+    and the run's weights of their q, in one round trip. Arrays are flat in
+    group order; `zero_variance_groups` and `group_weight_entropies` have one
+    entry per group."""
+
+    group_sizes: np.ndarray
+    total_utils: np.ndarray
+    advantages: np.ndarray
+    q_values: np.ndarray
+    reward_mean: float
+    reward_std: float
+    per_reward: dict[str, RewardValues]
+    failed: np.ndarray
+    seed_semantic_entropies: np.ndarray
+    seed_advantage_scales: np.ndarray
+    zero_variance_groups: np.ndarray
+    weights: np.ndarray
+    weight_entropy: float
+    weight_entropy_min: float
+    weight_entropy_max: float
+    advantage_entropy: np.ndarray
+    group_weight_entropies: np.ndarray
+    tau: float
+    beta: float
+    controller_version: int
+
+    def grouped(self) -> dict[str, list[np.ndarray]]:
+        """Per-completion arrays split into one array per group."""
+        names = ("total_utils", "advantages", "q_values", "weights", "advantage_entropy")
+        return {name: _split(getattr(self, name), self.group_sizes) for name in names}
 
 
 @dataclass(frozen=True)

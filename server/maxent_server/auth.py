@@ -62,6 +62,7 @@ METHOD_ROLES: dict[str, Role] = {
     "ListRuns": Role.READ,
     "ComputeRewardStatistics": Role.READ,
     "ComputeWeightStats": Role.READ,
+    "ComputeStepStatistics": Role.READ,
     "ListRewardFunctions": Role.READ,
     "CreateRun": Role.WRITE,
     "UpdateController": Role.WRITE,

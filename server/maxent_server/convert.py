@@ -8,7 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_client._wire import array
 
-from .engine import ControllerState, Denominator, RunConfig
+from .engine import Baseline, ControllerState, Denominator, RunConfig, Scaling
 from .store import RunRecord
 
 _DENOMINATORS = {
@@ -22,8 +22,37 @@ _DENOMINATOR_ENUMS = {
 }
 
 
+SCALINGS = {
+    pb.ADVANTAGE_SCALING_GROUP: Scaling.GROUP,
+    pb.ADVANTAGE_SCALING_BATCH: Scaling.BATCH,
+    pb.ADVANTAGE_SCALING_NONE: Scaling.NONE,
+}
+_SCALING_ENUMS = {mode: value for value, mode in SCALINGS.items()}
+BASELINES = {
+    pb.ADVANTAGE_BASELINE_GROUP_MEAN: Baseline.GROUP_MEAN,
+    pb.ADVANTAGE_BASELINE_LEAVE_ONE_OUT: Baseline.LEAVE_ONE_OUT,
+}
+_BASELINE_ENUMS = {mode: value for value, mode in BASELINES.items()}
+
+
 def known_denominator(value: int) -> bool:
     return value in _DENOMINATORS
+
+
+def scaling_of(message, default: Scaling) -> Scaling:
+    """The scaling a message asks for: its `advantage_scaling` enum, else its
+    boolean `scale_rewards`, else `default`. Validated beforehand."""
+    if message.advantage_scaling != pb.ADVANTAGE_SCALING_UNSPECIFIED:
+        return SCALINGS[message.advantage_scaling]
+    if message.HasField("scale_rewards"):
+        return Scaling.of(message.scale_rewards)
+    return default
+
+
+def baseline_of(message, default: Baseline) -> Baseline:
+    if message.advantage_baseline != pb.ADVANTAGE_BASELINE_UNSPECIFIED:
+        return BASELINES[message.advantage_baseline]
+    return default
 
 
 def _opt(message, name: str, default=None):
@@ -39,7 +68,8 @@ def config_from_proto(msg: pb.WeightingConfig) -> RunConfig:
         length_normalize_ref=_opt(msg, "length_normalize_ref", True),
         q_temperature=_opt(msg, "q_temperature", 1.0),
         q_epsilon=_opt(msg, "q_epsilon", 1e-6),
-        scale_rewards=_opt(msg, "scale_rewards", True),
+        scale_rewards=scaling_of(msg, Scaling.GROUP),
+        advantage_baseline=baseline_of(msg, Baseline.GROUP_MEAN),
         train_grpo_objective=msg.train_grpo_objective,
         target_entropy=_opt(msg, "target_entropy"),
         target_entropy_start=_opt(msg, "target_entropy_start"),
@@ -63,6 +93,9 @@ def config_to_proto(config: RunConfig) -> pb.WeightingConfig:
     """The config with every default written out explicitly."""
     fields = config.to_dict()
     fields["denominator"] = _DENOMINATOR_ENUMS[config.denominator]
+    fields["scale_rewards"] = config.scale_rewards is not Scaling.NONE
+    fields["advantage_scaling"] = _SCALING_ENUMS[config.scale_rewards]
+    fields["advantage_baseline"] = _BASELINE_ENUMS[config.advantage_baseline]
     return pb.WeightingConfig(**{k: v for k, v in fields.items() if v is not None})
 
 

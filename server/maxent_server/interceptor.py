@@ -31,7 +31,7 @@ from .logs import log_rpc
 from .metrics import Metrics, completions_in
 from .validation import MAX_PAGE_SIZE
 
-_BATCH_METHODS = frozenset({"ComputeRewardStatistics", "ComputeWeightStats"})
+_BATCH_METHODS = frozenset({"ComputeRewardStatistics", "ComputeWeightStats", "ComputeStepStatistics"})
 _QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                              "grpc.reflection.v1.ServerReflection"})
 _DEFAULT_PAGE_SIZE = 100

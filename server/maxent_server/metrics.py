@@ -55,6 +55,7 @@ MAXENT_METHODS = (
     "DeleteRun",
     "ComputeRewardStatistics",
     "ComputeWeightStats",
+    "ComputeStepStatistics",
     "UpdateController",
     "ListRewardFunctions",
 )
@@ -201,7 +202,7 @@ class Metrics:
         )
         self.completions = Histogram(
             "maxent_request_completions",
-            "Completions per successful ComputeRewardStatistics or ComputeWeightStats request.",
+            "Completions per successful ComputeRewardStatistics, ComputeWeightStats or ComputeStepStatistics request.",
             ["method"],
             buckets=COMPLETION_BUCKETS,
             registry=r,
@@ -276,22 +277,29 @@ class Metrics:
                 self.runs.update(request.run_id, _state_values(response.state))
         elif method in ("CreateRun", "GetRun"):
             self.runs.update(response.run.run_id, _state_values(response.run.state))
+        elif method == "ComputeStepStatistics":
+            self.completions.labels(method).observe(completions_in(request))
+            self._observe_weights(request, response)
+            self.runs.update(request.run_id, {"reward_mean": response.reward_mean, "reward_std": response.reward_std})
         elif method == "ComputeWeightStats":
             self.completions.labels(method).observe(completions_in(request))
-            values: dict[str, float | None] = {
-                "tau": response.tau,
-                "beta": response.beta,
-                "version": response.controller_version,
-            }
-            if any(size > 0 for size in request.group_sizes):
-                values["weight_entropy"] = response.weight_entropy
-            self.runs.update(request.run_id, values)
+            self._observe_weights(request, response)
         elif method == "ComputeRewardStatistics":
             self.completions.labels(method).observe(completions_in(request))
             if request.run_id:
                 self.runs.update(request.run_id, {"reward_mean": response.reward_mean, "reward_std": response.reward_std})
         elif method == "DeleteRun":
             self.runs.remove(request.run_id)
+
+    def _observe_weights(self, request, response) -> None:
+        values: dict[str, float | None] = {
+            "tau": response.tau,
+            "beta": response.beta,
+            "version": response.controller_version,
+        }
+        if any(size > 0 for size in request.group_sizes):
+            values["weight_entropy"] = response.weight_entropy
+        self.runs.update(request.run_id, values)
 
     # -- rewards (ServiceObserver) ---------------------------------------------------
 

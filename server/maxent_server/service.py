@@ -156,52 +156,73 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         v = Violations()
         v.run_id(request.run_id, required=False)
         v.raise_if_any()
+        return await self._schedule(request, self._reward_statistics, needs_run=bool(request.run_id))
+
+    @translate_errors
+    async def ComputeStepStatistics(self, request, context) -> EncodedResponse:
+        v = Violations()
+        v.run_id(request.run_id)
+        v.raise_if_any()
+        return await self._schedule(request, self._step_statistics, needs_run=True)
+
+    async def _schedule(self, request, compute: Callable[..., T], *, needs_run: bool) -> T:
+        """Run a batch computation where it belongs: reward evaluation on the
+        reward pool (cancelled with its RPC), small batches that need no
+        network on the event loop, the rest on the compute pool."""
         if len(request.rewards):
             cancelled = threading.Event()
             try:
-                return await self._run(self._reward_pool, self._reward_statistics, request, cancelled)
+                return await self._run(self._reward_pool, compute, request, cancelled)
             except asyncio.CancelledError:
                 # The client went away or its deadline passed: free the
                 # reward workers of this call's queued work.
                 cancelled.set()
                 raise
         small = _small_batch(request, request.utilities) and not request.seed_grpo.enabled
-        if small and (not request.run_id or self.store.local_reads):
-            return self._reward_statistics(request)
-        return await self._run(self._compute, self._reward_statistics, request)
+        if small and (not needs_run or self.store.local_reads):
+            return compute(request)
+        return await self._run(self._compute, compute, request)
 
     def _reward_statistics(self, request, cancelled: threading.Event | None = None) -> EncodedResponse:
         config = self.store.get_run(request.run_id).config if request.run_id else RunConfig()
         inputs = _RewardInputs.parse(request, config, self.rewards)
-        per_reward: list[pb.RewardValues] = []
-        valid = failed = None
-        utilities = inputs.utilities
-        if inputs.terms:
-            utilities, failed, per_reward = self._evaluate_rewards(request, inputs, cancelled)
-            if request.on_failure != pb.REWARD_FAILURE_POLICY_ZERO:
-                valid = ~failed
-        stats = self.engine.reward_statistics(
-            inputs.group_sizes,
-            utilities,
-            inputs.options,
-            valid=valid,
-            token_counts=inputs.token_counts,
-            truncated=inputs.truncated,
-            gen_logp_sum=inputs.gen_logp_sum,
-            answers=[final_answer(c) for c in request.completions] if inputs.options.seed_grpo else None,
-        )
+        utilities, valid, failed, per_reward = self._utilities(request, inputs, cancelled)
+        stats = self.engine.reward_statistics(inputs.group_sizes, utilities, inputs.options, valid=valid,
+                                              **inputs.engine_kwargs(request))
         response = pb.ComputeRewardStatisticsResponse(
             per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std
         )
-        return EncodedResponse(
-            response,
-            total_utils=stats.total_utils,
-            advantages=stats.advantages,
-            q_values=stats.q_values,
-            seed_semantic_entropies=stats.seed_semantic_entropies,
-            seed_advantage_scales=stats.seed_advantage_scales,
-            failed=failed,
+        return EncodedResponse(response, **_reward_arrays(stats, failed))
+
+    def _step_statistics(self, request, cancelled: threading.Event | None = None) -> EncodedResponse:
+        # The run is read once, where the computation runs: its config gives
+        # the reward defaults and its state the tau and beta of the weights.
+        record = self.store.get_run(request.run_id)
+        v = Violations()
+        inputs = _RewardInputs.parse(request, record.config, self.rewards, v)
+        options = _weight_options(record, request)
+        reference = _parse_reference(v, request, options, int(inputs.group_sizes[inputs.group_sizes > 0].sum()))
+        v.raise_if_any()
+        utilities, valid, failed, per_reward = self._utilities(request, inputs, cancelled)
+        stats, weights = self.engine.step_statistics(
+            inputs.group_sizes, utilities, inputs.options, *reference, options, valid=valid,
+            **inputs.engine_kwargs(request),
         )
+        response = pb.ComputeStepStatisticsResponse(
+            per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std,
+            **_weight_scalars(weights, record.state),
+        )
+        return EncodedResponse(response, **_reward_arrays(stats, failed), **_weight_arrays(weights))
+
+    def _utilities(self, request, inputs: "_RewardInputs", cancelled: threading.Event | None):
+        """Utilities (given, or evaluated from reward terms), the mask of
+        completions that take part (None: all), the failure mask and the
+        per-reward values."""
+        if not inputs.terms:
+            return inputs.utilities, None, None, []
+        utilities, failed, per_reward = self._evaluate_rewards(request, inputs, cancelled)
+        valid = None if request.on_failure == pb.REWARD_FAILURE_POLICY_ZERO else ~failed
+        return utilities, valid, failed, per_reward
 
     def _evaluate_rewards(self, request, inputs: "_RewardInputs", cancelled: threading.Event | None):
         """Utilities, the per-completion failure mask and per-reward values."""
@@ -248,32 +269,11 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
     def _weight_stats(self, request) -> EncodedResponse:
         # The run is read where the computation runs: at most one thread hop.
         record = self.store.get_run(request.run_id)
-        config, state = record.config, record.state
-        options = WeightOptions(
-            tau=state.tau,
-            beta=state.beta,
-            denominator=config.denominator,
-            length_normalize_ref=config.length_normalize_ref,
-            train_grpo_objective=config.train_grpo_objective,
-            include_reference_term=request.include_reference_term if request.HasField("include_reference_term") else True,
-            normalize_by_tokens=request.normalize_by_tokens,
-        )
+        options = _weight_options(record, request)
         sizes, q, ref, counts, advantages = _parse_weight_inputs(request, options)
         stats = self.engine.weight_stats(sizes, q, ref, counts, options, advantages=advantages)
-        response = pb.ComputeWeightStatsResponse(
-            weight_entropy=stats.weight_entropy,
-            weight_entropy_min=stats.weight_entropy_min,
-            weight_entropy_max=stats.weight_entropy_max,
-            tau=state.tau,
-            beta=state.beta,
-            controller_version=state.version,
-        )
-        return EncodedResponse(
-            response,
-            weights=stats.weights,
-            advantage_entropy=stats.advantage_entropy,
-            group_weight_entropies=stats.group_entropies,
-        )
+        response = pb.ComputeWeightStatsResponse(**_weight_scalars(stats, record.state))
+        return EncodedResponse(response, **_weight_arrays(stats))
 
     # -- controller ----------------------------------------------------------------
 
@@ -317,6 +317,66 @@ def _small_batch(request, values) -> bool:
     return max(len(values), len(request.group_sizes)) <= INLINE_MAX_COMPLETIONS
 
 
+def _weight_options(record: RunRecord, request) -> WeightOptions:
+    config, state = record.config, record.state
+    return WeightOptions(
+        tau=state.tau,
+        beta=state.beta,
+        denominator=config.denominator,
+        length_normalize_ref=config.length_normalize_ref,
+        train_grpo_objective=config.train_grpo_objective,
+        include_reference_term=request.include_reference_term if request.HasField("include_reference_term") else True,
+        normalize_by_tokens=request.normalize_by_tokens,
+    )
+
+
+def _reward_arrays(stats, failed) -> dict[str, Any]:
+    return dict(
+        total_utils=stats.total_utils,
+        advantages=stats.advantages,
+        q_values=stats.q_values,
+        seed_semantic_entropies=stats.seed_semantic_entropies,
+        seed_advantage_scales=stats.seed_advantage_scales,
+        failed=failed,
+        zero_variance_groups=stats.zero_variance_groups,
+    )
+
+
+def _weight_scalars(stats, state) -> dict[str, Any]:
+    return dict(
+        weight_entropy=stats.weight_entropy,
+        weight_entropy_min=stats.weight_entropy_min,
+        weight_entropy_max=stats.weight_entropy_max,
+        tau=state.tau,
+        beta=state.beta,
+        controller_version=state.version,
+    )
+
+
+def _weight_arrays(stats) -> dict[str, Any]:
+    return dict(
+        weights=stats.weights,
+        advantage_entropy=stats.advantage_entropy,
+        group_weight_entropies=stats.group_entropies,
+    )
+
+
+def _check_advantage_options(v: Violations, message, prefix: str = "") -> None:
+    """Known enum values, and scale_rewards agreeing with advantage_scaling."""
+    if message.advantage_scaling not in pb.AdvantageScaling.values():
+        v.add(prefix + "advantage_scaling", f"unknown AdvantageScaling value {message.advantage_scaling}")
+    elif (
+        message.advantage_scaling != pb.ADVANTAGE_SCALING_UNSPECIFIED
+        and message.HasField("scale_rewards")
+        and message.scale_rewards != (message.advantage_scaling != pb.ADVANTAGE_SCALING_NONE)
+    ):
+        v.add(prefix + "scale_rewards",
+              f"scale_rewards={str(message.scale_rewards).lower()} contradicts advantage_scaling "
+              f"{pb.AdvantageScaling.Name(message.advantage_scaling)}; set one of them")
+    if message.advantage_baseline not in pb.AdvantageBaseline.values():
+        v.add(prefix + "advantage_baseline", f"unknown AdvantageBaseline value {message.advantage_baseline}")
+
+
 def _check_config(v: Violations, config: pb.WeightingConfig) -> None:
     prefix = "config."
     for name in ("tau", "beta", "tau_min", "tau_lr", "meta_tau_lr", "meta_beta_lr"):
@@ -339,6 +399,7 @@ def _check_config(v: Violations, config: pb.WeightingConfig) -> None:
         v.add(prefix + "tau_max", "must be >= tau_min (or <= 0 for no upper bound)")
     if not convert.known_denominator(config.denominator):
         v.add(prefix + "denominator", f"unknown WeightDenominator value {config.denominator}")
+    _check_advantage_options(v, config, prefix)
     if not config.train_grpo_objective and config.tau + config.beta <= 0:
         v.add(prefix + "tau", "tau + beta must be > 0 for MaxEnt weights (or set train_grpo_objective)")
 
@@ -359,9 +420,10 @@ class _RewardInputs:
     """Validated, converted arrays and options of a ComputeRewardStatistics call."""
 
     @classmethod
-    def parse(cls, request, config: RunConfig, rewards) -> "_RewardInputs":
+    def parse(cls, request, config: RunConfig, rewards, violations: Violations | None = None) -> "_RewardInputs":
+        """Raises InvalidArgument, unless `violations` is given to collect into."""
         self = cls()
-        v = Violations()
+        v = Violations() if violations is None else violations
         self.group_sizes = convert.ints(request.group_sizes)
         n = v.group_sizes(self.group_sizes)
         groups = len(self.group_sizes)
@@ -390,8 +452,19 @@ class _RewardInputs:
         largest = int(self.group_sizes.max()) if groups else 0
         if self.options.q_epsilon * largest > 1.0:
             v.add("q_epsilon", f"q_epsilon * largest group size ({largest}) must be <= 1")
-        v.raise_if_any()
+        _check_advantage_options(v, request)
+        if violations is None:
+            v.raise_if_any()
         return self
+
+    def engine_kwargs(self, request) -> dict[str, Any]:
+        """The per-completion side inputs of Engine.reward_statistics."""
+        return dict(
+            token_counts=self.token_counts,
+            truncated=self.truncated,
+            gen_logp_sum=self.gen_logp_sum,
+            answers=[final_answer(c) for c in request.completions] if self.options.seed_grpo else None,
+        )
 
 
 def _terms(request) -> list:
@@ -419,11 +492,20 @@ def _reward_options(v: Violations, request, config: RunConfig, inputs: _RewardIn
     return RewardOptions(
         q_temperature=temperature if np.isfinite(temperature) else 1.0,
         q_epsilon=epsilon if np.isfinite(epsilon) else 0.0,
-        scale_rewards=request.scale_rewards if has("scale_rewards") else config.scale_rewards,
+        scale_rewards=_known(convert.scaling_of, request, config.scale_rewards),
+        advantage_baseline=_known(convert.baseline_of, request, config.advantage_baseline),
         zero_truncated_completion_rewards=zero_truncated,
         max_completion_len=max_len,
         seed_grpo=_seed_settings(v, request, inputs),
     )
+
+
+def _known(choose: Callable, request, default):
+    """`choose(request, default)`, or `default` for an unknown enum value (reported by the validation)."""
+    try:
+        return choose(request, default)
+    except KeyError:
+        return default
 
 
 def _seed_settings(v: Violations, request, inputs: _RewardInputs) -> SeedGrpoSettings | None:
@@ -453,22 +535,31 @@ def _parse_weight_inputs(request, options: WeightOptions):
     v = Violations()
     sizes = convert.ints(request.group_sizes)
     n = v.group_sizes(sizes)
-    q = ref = counts = advantages = None
+    q = advantages = None
     if options.train_grpo_objective:
         advantages = _check_group_arrays(v, request, "advantages", convert.floats, n, required=True, finite=True)
     else:
-        if options.tau + options.beta <= 0:
-            v.add("run_id", "the run's controller has tau + beta <= 0; MaxEnt weights need tau + beta > 0")
         q = _check_group_arrays(v, request, "q_values", convert.floats, n, required=True, finite=True, non_negative=True)
-        ref = _check_group_arrays(
-            v, request, "ref_logp_sum", convert.floats, n, required=options.include_reference_term, finite=True
-        )
-        counts_needed = options.normalize_by_tokens or (options.include_reference_term and options.length_normalize_ref)
-        counts = _check_group_arrays(
-            v, request, "ref_token_counts", convert.ints, n, required=counts_needed, non_negative=True
-        )
+    ref, counts = _parse_reference(v, request, options, n)
     v.raise_if_any()
     return sizes, q, ref, counts, advantages
+
+
+def _parse_reference(v: Violations, request, options: WeightOptions, n: int):
+    """Reference log-prob sums and token counts for MaxEnt weights (None
+    where not needed), checked against the run's tau and beta."""
+    if options.train_grpo_objective:
+        return None, None
+    if options.tau + options.beta <= 0:
+        v.add("run_id", "the run's controller has tau + beta <= 0; MaxEnt weights need tau + beta > 0")
+    ref = _check_group_arrays(
+        v, request, "ref_logp_sum", convert.floats, n, required=options.include_reference_term, finite=True
+    )
+    counts_needed = options.normalize_by_tokens or (options.include_reference_term and options.length_normalize_ref)
+    counts = _check_group_arrays(
+        v, request, "ref_token_counts", convert.ints, n, required=counts_needed, non_negative=True
+    )
+    return ref, counts
 
 
 def _parse_update(request) -> tuple[ControllerUpdate, int | None]:

@@ -2,9 +2,11 @@
 
 from .controller import ControllerState, ControllerUpdate, Denominator, RunConfig, apply_update
 from .core import Engine, RewardOptions, RewardStatistics, WeightOptions, WeightStats, combine_rewards, resolve_device
-from .statistics import SeedGrpoSettings
+from .statistics import Baseline, Scaling, SeedGrpoSettings
 
 __all__ = [
+    "Baseline",
+    "Scaling",
     "ControllerState",
     "ControllerUpdate",
     "Denominator",

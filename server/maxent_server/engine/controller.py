@@ -16,6 +16,29 @@ class Denominator(str, Enum):
     TAU = "tau"
 
 
+class Scaling(str, Enum):
+    """What divides the centred utilities: the group's std, the batch's, or nothing."""
+
+    GROUP = "group"
+    BATCH = "batch"
+    NONE = "none"
+
+    @classmethod
+    def of(cls, value: "bool | str | Scaling") -> "Scaling":
+        """True is GROUP and False NONE (the boolean `scale_rewards` of old)."""
+        if isinstance(value, bool):
+            return cls.GROUP if value else cls.NONE
+        return cls(value)
+
+
+class Baseline(str, Enum):
+    """What is subtracted from each utility: the group mean, or (RLOO) the
+    mean of the other members of the group."""
+
+    GROUP_MEAN = "group_mean"
+    LEAVE_ONE_OUT = "leave_one_out"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A run's weighting and controller configuration, defaults applied."""
@@ -26,7 +49,9 @@ class RunConfig:
     length_normalize_ref: bool = True
     q_temperature: float = 1.0
     q_epsilon: float = 1e-6
-    scale_rewards: bool = True
+    # Scaling of advantages; True/False are taken as GROUP/NONE.
+    scale_rewards: Scaling = Scaling.GROUP
+    advantage_baseline: Baseline = Baseline.GROUP_MEAN
     train_grpo_objective: bool = False
     target_entropy: float | None = None
     target_entropy_start: float | None = None
@@ -44,13 +69,19 @@ class RunConfig:
     meta_beta_lr: float = 0.0
     meta_beta_grad_clip: float = 0.0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale_rewards", Scaling.of(self.scale_rewards))
+        object.__setattr__(self, "advantage_baseline", Baseline(self.advantage_baseline))
+
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
-        out["denominator"] = self.denominator.value
+        for name in ("denominator", "scale_rewards", "advantage_baseline"):
+            out[name] = out[name].value
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
+        """Also reads configs stored before scaling had three modes (a bool)."""
         data = dict(data)
         data["denominator"] = Denominator(data.get("denominator", Denominator.TAU_PLUS_BETA.value))
         return cls(**data)

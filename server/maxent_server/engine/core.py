@@ -12,7 +12,15 @@ import torch
 
 from .controller import Denominator
 from .segments import Segments
-from .statistics import SeedGrpoSettings, group_advantages, listwise_q, reward_moments, seed_advantage_scales
+from .statistics import (
+    Baseline,
+    SeedGrpoSettings,
+    group_advantages,
+    listwise_q,
+    reward_moments,
+    seed_advantage_scales,
+    zero_variance_groups,
+)
 from .weights import entropy_summary, maxent_weights, zero_entropy_summary
 
 
@@ -27,7 +35,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 class RewardOptions:
     q_temperature: float = 1.0
     q_epsilon: float = 1e-6
-    scale_rewards: bool = True
+    # True or "group", "batch", False or "none" (statistics.Scaling).
+    scale_rewards: bool | str = True
+    advantage_baseline: Baseline = Baseline.GROUP_MEAN
     zero_truncated_completion_rewards: bool = False
     max_completion_len: int | None = None
     seed_grpo: SeedGrpoSettings | None = None
@@ -42,6 +52,7 @@ class RewardStatistics:
     reward_std: float
     seed_semantic_entropies: np.ndarray | None = None
     seed_advantage_scales: np.ndarray | None = None
+    zero_variance_groups: np.ndarray | None = None  # [G] bool
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,9 @@ class Engine:
                 cut = cut | (counts >= options.max_completion_len)
             u = torch.where(cut, torch.zeros_like(u), u)
         mean, std = reward_moments(u, keep)
-        advantages = group_advantages(seg, u, keep, scale_rewards=options.scale_rewards)
+        advantages = group_advantages(
+            seg, u, keep, scale_rewards=options.scale_rewards, baseline=options.advantage_baseline
+        )
         q = listwise_q(seg, u, keep, temperature=options.q_temperature, epsilon=options.q_epsilon)
         entropies = scales = None
         if options.seed_grpo is not None:
@@ -153,7 +166,27 @@ class Engine:
             reward_std=std,
             seed_semantic_entropies=None if entropies is None else self._numpy(entropies),
             seed_advantage_scales=None if scales is None else self._numpy(scales),
+            zero_variance_groups=self._numpy(zero_variance_groups(seg, u, keep)),
         )
+
+    def step_statistics(
+        self,
+        group_sizes: np.ndarray,
+        utilities: np.ndarray,
+        reward_options: RewardOptions,
+        ref_logp_sum: np.ndarray | None,
+        ref_token_counts: np.ndarray | None,
+        weight_options: WeightOptions,
+        **reward_inputs,
+    ) -> tuple[RewardStatistics, WeightStats]:
+        """One training step's numbers: reward statistics, then the weights of
+        their q (or, under the GRPO objective, of their advantages)."""
+        rewards = self.reward_statistics(group_sizes, utilities, reward_options, **reward_inputs)
+        weights = self.weight_stats(
+            group_sizes, rewards.q_values, ref_logp_sum, ref_token_counts, weight_options,
+            advantages=rewards.advantages,
+        )
+        return rewards, weights
 
     def weight_stats(
         self,

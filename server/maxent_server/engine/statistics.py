@@ -8,10 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .controller import Baseline, Scaling
 from .segments import Segments
 
 ADVANTAGE_STD_EPS = 1e-4
 Q_TEMPERATURE_FLOOR = 1e-8
+# A group's utilities count as all equal when max - min is at most this.
+CONSTANT_TOLERANCE = 1e-8
 
 
 def reward_moments(utilities: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[float, float]:
@@ -26,13 +29,22 @@ def reward_moments(utilities: torch.Tensor, valid: torch.Tensor | None = None) -
 
 
 def group_advantages(
-    seg: Segments, utilities: torch.Tensor, valid: torch.Tensor | None = None, *, scale_rewards: bool
+    seg: Segments,
+    utilities: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    scale_rewards: bool | str = True,
+    baseline: Baseline | str = Baseline.GROUP_MEAN,
 ) -> torch.Tensor:
-    """A_i = u_i - mean_g, divided by (Bessel std_g + 1e-4) when scaling.
+    """A_i = (u_i - b_i) / (s + 1e-4), or u_i - b_i with no scaling.
 
-    Invalid completions (valid False) get advantage 0 and are left out of
-    mean and std; valid None means all take part.
+    b_i is the group mean, or with LEAVE_ONE_OUT the mean of the other K_g - 1
+    members (u_i - b_i = K/(K-1) (u_i - mean_g), 0 for K <= 1); s is the
+    group's Bessel std (GROUP) or the Bessel std of every utility of the batch
+    (BATCH). Invalid completions (valid False) get advantage 0 and are left
+    out of every mean and std; valid None means all take part.
     """
+    scaling, baseline = Scaling.of(scale_rewards), Baseline(baseline)
     if valid is None:
         u, counts = utilities, None
         mean = seg.mean(u)
@@ -43,16 +55,54 @@ def group_advantages(
     centred = u - seg.broadcast(mean)
     if valid is not None:
         centred = torch.where(valid, centred, torch.zeros_like(centred))
-    if not scale_rewards:
+    if scaling is Scaling.GROUP:
+        std = _group_std(seg, centred, counts, utilities.dtype)
+    elif scaling is Scaling.BATCH:
+        std = _batch_std(u if valid is None else u[valid]).expand(seg.num_groups)
+    if baseline is Baseline.LEAVE_ONE_OUT:
+        centred = centred * seg.broadcast(_leave_one_out_factor(seg, counts, utilities.dtype))
+    if scaling is Scaling.NONE:
         return centred
+    return centred.div_(seg.broadcast(std + ADVANTAGE_STD_EPS))
+
+
+def _group_std(seg: Segments, centred: torch.Tensor, counts: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Bessel std per group from centred values; 0 for groups of one."""
     sq = seg.sum(centred.square())
     if counts is None and seg.width:
         # Every group has width members: the Bessel divisor is one number.
-        std = (sq / (seg.width - 1)).sqrt_() if seg.width > 1 else torch.zeros_like(sq)
+        return (sq / (seg.width - 1)).sqrt_() if seg.width > 1 else torch.zeros_like(sq)
+    counts = seg.sizes.to(dtype) if counts is None else counts
+    return torch.where(counts > 1, torch.sqrt(sq / (counts - 1).clamp(min=1)), torch.zeros_like(sq))
+
+
+def _batch_std(values: torch.Tensor) -> torch.Tensor:
+    """Bessel std of every value of the batch (0 for fewer than two), as TRL's batch scaling."""
+    n = values.numel()
+    if n < 2:
+        return torch.zeros((), dtype=values.dtype, device=values.device)
+    return (values - values.mean()).square().sum().div(n - 1).sqrt()
+
+
+def _leave_one_out_factor(seg: Segments, counts: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """K / (K - 1) per group (0 where K <= 1): turns u - mean into u - mean of the others."""
+    k = seg.sizes.to(dtype) if counts is None else counts
+    return torch.where(k > 1, k / (k - 1).clamp(min=1), torch.zeros_like(k))
+
+
+def zero_variance_groups(seg: Segments, utilities: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per group: True when its (valid) utilities are all equal (max - min <=
+    1e-8), fewer than two of them included: nothing to learn from, what
+    DAPO-style dynamic sampling drops."""
+    if valid is None:
+        high, low = seg.max(utilities), -seg.max(-utilities)
+        count = seg.sizes
     else:
-        counts = seg.sizes.to(utilities.dtype) if counts is None else counts
-        std = torch.where(counts > 1, torch.sqrt(sq / (counts - 1).clamp(min=1)), torch.zeros_like(sq))
-    return centred.div_(seg.broadcast(std.add_(ADVANTAGE_STD_EPS)))
+        high = seg.max(torch.where(valid, utilities, torch.full_like(utilities, -torch.inf)))
+        low = -seg.max(torch.where(valid, -utilities, torch.full_like(utilities, -torch.inf)))
+        count = seg.sum(valid.to(torch.int64))
+    spread = torch.where(count > 1, high - low, torch.zeros_like(high))
+    return spread <= CONSTANT_TOLERANCE
 
 
 def listwise_q(

@@ -88,6 +88,70 @@ REWARD_FAILURE_POLICY_ERROR: RewardFailurePolicy.ValueType  # 3
 """The whole call fails (FAILED_PRECONDITION) with the failures listed."""
 Global___RewardFailurePolicy: _TypeAlias = RewardFailurePolicy  # noqa: Y015
 
+class _AdvantageScaling:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AdvantageScalingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AdvantageScaling.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ADVANTAGE_SCALING_UNSPECIFIED: _AdvantageScaling.ValueType  # 0
+    """Not set: falls back to the boolean `scale_rewards` (true: GROUP, false:
+    NONE), then to the run's config, then to GROUP.
+    """
+    ADVANTAGE_SCALING_GROUP: _AdvantageScaling.ValueType  # 1
+    """The group's standard deviation with Bessel's correction, plus 1e-4."""
+    ADVANTAGE_SCALING_BATCH: _AdvantageScaling.ValueType  # 2
+    """The standard deviation (Bessel's correction) of every utility of the
+    batch, plus 1e-4; one number for all groups.
+    """
+    ADVANTAGE_SCALING_NONE: _AdvantageScaling.ValueType  # 3
+    """No scaling: the advantage is the centred utility."""
+
+class AdvantageScaling(_AdvantageScaling, metaclass=_AdvantageScalingEnumTypeWrapper):
+    """What divides the centred utilities in the GRPO advantages."""
+
+ADVANTAGE_SCALING_UNSPECIFIED: AdvantageScaling.ValueType  # 0
+"""Not set: falls back to the boolean `scale_rewards` (true: GROUP, false:
+NONE), then to the run's config, then to GROUP.
+"""
+ADVANTAGE_SCALING_GROUP: AdvantageScaling.ValueType  # 1
+"""The group's standard deviation with Bessel's correction, plus 1e-4."""
+ADVANTAGE_SCALING_BATCH: AdvantageScaling.ValueType  # 2
+"""The standard deviation (Bessel's correction) of every utility of the
+batch, plus 1e-4; one number for all groups.
+"""
+ADVANTAGE_SCALING_NONE: AdvantageScaling.ValueType  # 3
+"""No scaling: the advantage is the centred utility."""
+Global___AdvantageScaling: _TypeAlias = AdvantageScaling  # noqa: Y015
+
+class _AdvantageBaseline:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AdvantageBaselineEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AdvantageBaseline.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ADVANTAGE_BASELINE_UNSPECIFIED: _AdvantageBaseline.ValueType  # 0
+    """Not set: the run's config, else ADVANTAGE_BASELINE_GROUP_MEAN."""
+    ADVANTAGE_BASELINE_GROUP_MEAN: _AdvantageBaseline.ValueType  # 1
+    """The mean of the group: A_i = u_i - mean_g(u)."""
+    ADVANTAGE_BASELINE_LEAVE_ONE_OUT: _AdvantageBaseline.ValueType  # 2
+    """RLOO: the mean of the other K_g - 1 members, A_i = K_g / (K_g - 1) *
+    (u_i - mean_g(u)); 0 in a group of one.
+    """
+
+class AdvantageBaseline(_AdvantageBaseline, metaclass=_AdvantageBaselineEnumTypeWrapper):
+    """What is subtracted from each utility in the GRPO advantages."""
+
+ADVANTAGE_BASELINE_UNSPECIFIED: AdvantageBaseline.ValueType  # 0
+"""Not set: the run's config, else ADVANTAGE_BASELINE_GROUP_MEAN."""
+ADVANTAGE_BASELINE_GROUP_MEAN: AdvantageBaseline.ValueType  # 1
+"""The mean of the group: A_i = u_i - mean_g(u)."""
+ADVANTAGE_BASELINE_LEAVE_ONE_OUT: AdvantageBaseline.ValueType  # 2
+"""RLOO: the mean of the other K_g - 1 members, A_i = K_g / (K_g - 1) *
+(u_i - mean_g(u)); 0 in a group of one.
+"""
+Global___AdvantageBaseline: _TypeAlias = AdvantageBaseline  # noqa: Y015
+
 @_typing.final
 class WeightingConfig(_message.Message):
     """A run's weighting and controller configuration. Fixed when the run is
@@ -119,6 +183,8 @@ class WeightingConfig(_message.Message):
     META_TAU_LR_FIELD_NUMBER: _builtins.int
     META_BETA_LR_FIELD_NUMBER: _builtins.int
     META_BETA_GRAD_CLIP_FIELD_NUMBER: _builtins.int
+    ADVANTAGE_SCALING_FIELD_NUMBER: _builtins.int
+    ADVANTAGE_BASELINE_FIELD_NUMBER: _builtins.int
     tau: _builtins.float
     """Initial entropy temperature tau (>= 0). Default 0."""
     beta: _builtins.float
@@ -136,7 +202,10 @@ class WeightingConfig(_message.Message):
     Default 1e-6.
     """
     scale_rewards: _builtins.bool
-    """Divide GRPO advantages by the group's standard deviation. Default true."""
+    """Divide GRPO advantages by the group's standard deviation. Default true.
+    The same as advantage_scaling GROUP (true) or NONE (false); when both are
+    set they must agree.
+    """
     train_grpo_objective: _builtins.bool
     """Use the GRPO advantages themselves as weights (plain GRPO objective).
     Default false.
@@ -185,6 +254,10 @@ class WeightingConfig(_message.Message):
     """Meta controller learning rate for beta. Default 0."""
     meta_beta_grad_clip: _builtins.float
     """Clip on the beta gradient in meta mode; <= 0 means no clip. Default 0."""
+    advantage_scaling: Global___AdvantageScaling.ValueType
+    """Scaling of GRPO advantages. Default: from scale_rewards, else GROUP."""
+    advantage_baseline: Global___AdvantageBaseline.ValueType
+    """Baseline of GRPO advantages. Default: GROUP_MEAN."""
     def __init__(
         self,
         *,
@@ -211,10 +284,12 @@ class WeightingConfig(_message.Message):
         meta_tau_lr: _builtins.float = ...,
         meta_beta_lr: _builtins.float = ...,
         meta_beta_grad_clip: _builtins.float = ...,
+        advantage_scaling: Global___AdvantageScaling.ValueType = ...,
+        advantage_baseline: Global___AdvantageBaseline.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_length_normalize_ref", b"_length_normalize_ref", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_target_entropy", b"_target_entropy", "_target_entropy_final", b"_target_entropy_final", "_target_entropy_start", b"_target_entropy_start", "length_normalize_ref", b"length_normalize_ref", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "scale_rewards", b"scale_rewards", "target_entropy", b"target_entropy", "target_entropy_final", b"target_entropy_final", "target_entropy_start", b"target_entropy_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_length_normalize_ref", b"_length_normalize_ref", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_target_entropy", b"_target_entropy", "_target_entropy_final", b"_target_entropy_final", "_target_entropy_start", b"_target_entropy_start", "beta", b"beta", "denominator", b"denominator", "kl_horizon", b"kl_horizon", "kl_step_size", b"kl_step_size", "kl_target", b"kl_target", "length_normalize_ref", b"length_normalize_ref", "meta_beta_grad_clip", b"meta_beta_grad_clip", "meta_beta_lr", b"meta_beta_lr", "meta_enabled", b"meta_enabled", "meta_tau_lr", b"meta_tau_lr", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "scale_rewards", b"scale_rewards", "target_entropy", b"target_entropy", "target_entropy_final", b"target_entropy_final", "target_entropy_horizon", b"target_entropy_horizon", "target_entropy_start", b"target_entropy_start", "tau", b"tau", "tau_lr", b"tau_lr", "tau_max", b"tau_max", "tau_min", b"tau_min", "tau_warmup_steps", b"tau_warmup_steps", "train_grpo_objective", b"train_grpo_objective"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_length_normalize_ref", b"_length_normalize_ref", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_target_entropy", b"_target_entropy", "_target_entropy_final", b"_target_entropy_final", "_target_entropy_start", b"_target_entropy_start", "advantage_baseline", b"advantage_baseline", "advantage_scaling", b"advantage_scaling", "beta", b"beta", "denominator", b"denominator", "kl_horizon", b"kl_horizon", "kl_step_size", b"kl_step_size", "kl_target", b"kl_target", "length_normalize_ref", b"length_normalize_ref", "meta_beta_grad_clip", b"meta_beta_grad_clip", "meta_beta_lr", b"meta_beta_lr", "meta_enabled", b"meta_enabled", "meta_tau_lr", b"meta_tau_lr", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "scale_rewards", b"scale_rewards", "target_entropy", b"target_entropy", "target_entropy_final", b"target_entropy_final", "target_entropy_horizon", b"target_entropy_horizon", "target_entropy_start", b"target_entropy_start", "tau", b"tau", "tau_lr", b"tau_lr", "tau_max", b"tau_max", "tau_min", b"tau_min", "tau_warmup_steps", b"tau_warmup_steps", "train_grpo_objective", b"train_grpo_objective"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__length_normalize_ref: _TypeAlias = _typing.Literal["length_normalize_ref"]  # noqa: Y015
     _WhichOneofArgType__length_normalize_ref: _TypeAlias = _typing.Literal["_length_normalize_ref", b"_length_normalize_ref"]  # noqa: Y015
@@ -734,6 +809,8 @@ class ComputeRewardStatisticsRequest(_message.Message):
     MAX_COMPLETION_LEN_FIELD_NUMBER: _builtins.int
     SEED_GRPO_FIELD_NUMBER: _builtins.int
     ON_FAILURE_FIELD_NUMBER: _builtins.int
+    ADVANTAGE_SCALING_FIELD_NUMBER: _builtins.int
+    ADVANTAGE_BASELINE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Optional run whose config gives the q and scaling defaults."""
     q_temperature: _builtins.float
@@ -752,6 +829,12 @@ class ComputeRewardStatisticsRequest(_message.Message):
     """What to do with completions whose reward function failed.
     Default: REWARD_FAILURE_POLICY_EXCLUDE.
     """
+    advantage_scaling: Global___AdvantageScaling.ValueType
+    """Override of the advantage scaling. Default: scale_rewards when set, else
+    the run config, else GROUP.
+    """
+    advantage_baseline: Global___AdvantageBaseline.ValueType
+    """Override of the advantage baseline. Default: run config, else GROUP_MEAN."""
     @_builtins.property
     def group_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Number of completions K_g of each group (>= 0)."""
@@ -807,10 +890,12 @@ class ComputeRewardStatisticsRequest(_message.Message):
         max_completion_len: _builtins.int | None = ...,
         seed_grpo: Global___SeedGrpoOptions | None = ...,
         on_failure: Global___RewardFailurePolicy.ValueType = ...,
+        advantage_scaling: Global___AdvantageScaling.ValueType = ...,
+        advantage_baseline: Global___AdvantageBaseline.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_completion_len", b"_max_completion_len", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_zero_truncated_completion_rewards", b"_zero_truncated_completion_rewards", "max_completion_len", b"max_completion_len", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "scale_rewards", b"scale_rewards", "seed_grpo", b"seed_grpo", "zero_truncated_completion_rewards", b"zero_truncated_completion_rewards"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_completion_len", b"_max_completion_len", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_zero_truncated_completion_rewards", b"_zero_truncated_completion_rewards", "answers", b"answers", "completions", b"completions", "gen_logp_sum", b"gen_logp_sum", "group_sizes", b"group_sizes", "max_completion_len", b"max_completion_len", "on_failure", b"on_failure", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "rewards", b"rewards", "run_id", b"run_id", "scale_rewards", b"scale_rewards", "seed_grpo", b"seed_grpo", "token_counts", b"token_counts", "truncated", b"truncated", "utilities", b"utilities", "zero_truncated_completion_rewards", b"zero_truncated_completion_rewards"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_completion_len", b"_max_completion_len", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_zero_truncated_completion_rewards", b"_zero_truncated_completion_rewards", "advantage_baseline", b"advantage_baseline", "advantage_scaling", b"advantage_scaling", "answers", b"answers", "completions", b"completions", "gen_logp_sum", b"gen_logp_sum", "group_sizes", b"group_sizes", "max_completion_len", b"max_completion_len", "on_failure", b"on_failure", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "rewards", b"rewards", "run_id", b"run_id", "scale_rewards", b"scale_rewards", "seed_grpo", b"seed_grpo", "token_counts", b"token_counts", "truncated", b"truncated", "utilities", b"utilities", "zero_truncated_completion_rewards", b"zero_truncated_completion_rewards"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_completion_len: _TypeAlias = _typing.Literal["max_completion_len"]  # noqa: Y015
     _WhichOneofArgType__max_completion_len: _TypeAlias = _typing.Literal["_max_completion_len", b"_max_completion_len"]  # noqa: Y015
@@ -850,6 +935,7 @@ class ComputeRewardStatisticsResponse(_message.Message):
     SEED_SEMANTIC_ENTROPIES_FIELD_NUMBER: _builtins.int
     SEED_ADVANTAGE_SCALES_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    ZERO_VARIANCE_GROUPS_FIELD_NUMBER: _builtins.int
     reward_mean: _builtins.float
     """Mean of the utilities over the whole batch (0 for an empty batch)."""
     reward_std: _builtins.float
@@ -882,6 +968,13 @@ class ComputeRewardStatisticsResponse(_message.Message):
     def failed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
         """True where any reward function failed for the completion."""
 
+    @_builtins.property
+    def zero_variance_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per group: true when its utilities are all equal (max - min <= 1e-8,
+        failed completions left out) or it has fewer than two; such a group has
+        zero advantages and a constant q (what DAPO-style dynamic sampling drops).
+        """
+
     def __init__(
         self,
         *,
@@ -894,10 +987,11 @@ class ComputeRewardStatisticsResponse(_message.Message):
         seed_semantic_entropies: _abc.Iterable[_builtins.float] | None = ...,
         seed_advantage_scales: _abc.Iterable[_builtins.float] | None = ...,
         failed: _abc.Iterable[_builtins.bool] | None = ...,
+        zero_variance_groups: _abc.Iterable[_builtins.bool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advantages", b"advantages", "failed", b"failed", "per_reward", b"per_reward", "q_values", b"q_values", "reward_mean", b"reward_mean", "reward_std", b"reward_std", "seed_advantage_scales", b"seed_advantage_scales", "seed_semantic_entropies", b"seed_semantic_entropies", "total_utils", b"total_utils"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advantages", b"advantages", "failed", b"failed", "per_reward", b"per_reward", "q_values", b"q_values", "reward_mean", b"reward_mean", "reward_std", b"reward_std", "seed_advantage_scales", b"seed_advantage_scales", "seed_semantic_entropies", b"seed_semantic_entropies", "total_utils", b"total_utils", "zero_variance_groups", b"zero_variance_groups"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1246,3 +1340,293 @@ class ListRewardFunctionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRewardFunctionsResponse: _TypeAlias = ListRewardFunctionsResponse  # noqa: Y015
+
+@_typing.final
+class ComputeStepStatisticsRequest(_message.Message):
+    """Request of ComputeStepStatistics: the fields of ComputeRewardStatistics
+    and of ComputeWeightStats under the same names and numbers' meanings. q and
+    the advantages come from this call, so the request carries neither.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    GROUP_SIZES_FIELD_NUMBER: _builtins.int
+    UTILITIES_FIELD_NUMBER: _builtins.int
+    COMPLETIONS_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    REWARDS_FIELD_NUMBER: _builtins.int
+    TOKEN_COUNTS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    GEN_LOGP_SUM_FIELD_NUMBER: _builtins.int
+    Q_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    Q_EPSILON_FIELD_NUMBER: _builtins.int
+    SCALE_REWARDS_FIELD_NUMBER: _builtins.int
+    ZERO_TRUNCATED_COMPLETION_REWARDS_FIELD_NUMBER: _builtins.int
+    MAX_COMPLETION_LEN_FIELD_NUMBER: _builtins.int
+    SEED_GRPO_FIELD_NUMBER: _builtins.int
+    ON_FAILURE_FIELD_NUMBER: _builtins.int
+    ADVANTAGE_SCALING_FIELD_NUMBER: _builtins.int
+    ADVANTAGE_BASELINE_FIELD_NUMBER: _builtins.int
+    REF_LOGP_SUM_FIELD_NUMBER: _builtins.int
+    REF_TOKEN_COUNTS_FIELD_NUMBER: _builtins.int
+    INCLUDE_REFERENCE_TERM_FIELD_NUMBER: _builtins.int
+    NORMALIZE_BY_TOKENS_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Run whose config gives the defaults and whose current tau and beta weight
+    the completions. Required.
+    """
+    q_temperature: _builtins.float
+    """Override of the q temperature (> 0). Default: run config."""
+    q_epsilon: _builtins.float
+    """Override of the q epsilon. Default: run config."""
+    scale_rewards: _builtins.bool
+    """Override of advantage scaling (true: GROUP, false: NONE). Default: run
+    config.
+    """
+    zero_truncated_completion_rewards: _builtins.bool
+    """Set the utility of truncated completions to 0. Default false."""
+    max_completion_len: _builtins.int
+    """Length limit in tokens: token_count >= this counts as truncated (> 0).
+    Default: unset (only the truncated flags count).
+    """
+    on_failure: Global___RewardFailurePolicy.ValueType
+    """What to do with completions whose reward function failed.
+    Default: REWARD_FAILURE_POLICY_EXCLUDE.
+    """
+    advantage_scaling: Global___AdvantageScaling.ValueType
+    """Override of the advantage scaling. Default: scale_rewards when set, else
+    the run config.
+    """
+    advantage_baseline: Global___AdvantageBaseline.ValueType
+    """Override of the advantage baseline. Default: run config."""
+    include_reference_term: _builtins.bool
+    """Include the beta * reference log-prob term. Default true."""
+    normalize_by_tokens: _builtins.bool
+    """Multiply weights by max(ref token count, 1) and renormalise.
+    Default false.
+    """
+    @_builtins.property
+    def group_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Number of completions K_g of each group (>= 0)."""
+
+    @_builtins.property
+    def utilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Precomputed utility per completion (flattened)."""
+
+    @_builtins.property
+    def completions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Completion texts (flattened); needed with `rewards` and for SEED-GRPO."""
+
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Gold answer per group, for reward functions that need one."""
+
+    @_builtins.property
+    def rewards(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardTerm]:
+        """Reward terms evaluated on the completions."""
+
+    @_builtins.property
+    def token_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Completion length in tokens (>= 0), per completion."""
+
+    @_builtins.property
+    def truncated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """True where a completion hit the length limit, per completion."""
+
+    @_builtins.property
+    def gen_logp_sum(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Sum of the generation log-probs of each completion (for SEED-GRPO)."""
+
+    @_builtins.property
+    def seed_grpo(self) -> Global___SeedGrpoOptions:
+        """SEED-GRPO options. Default: disabled."""
+
+    @_builtins.property
+    def ref_logp_sum(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Reference-model log-prob sum per completion (nats); required unless
+        include_reference_term is false or the run trains the GRPO objective.
+        """
+
+    @_builtins.property
+    def ref_token_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Reference token count per completion (>= 0); required when the run
+        length-normalises the reference or normalize_by_tokens is set.
+        """
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        group_sizes: _abc.Iterable[_builtins.int] | None = ...,
+        utilities: _abc.Iterable[_builtins.float] | None = ...,
+        completions: _abc.Iterable[_builtins.str] | None = ...,
+        answers: _abc.Iterable[_builtins.str] | None = ...,
+        rewards: _abc.Iterable[Global___RewardTerm] | None = ...,
+        token_counts: _abc.Iterable[_builtins.int] | None = ...,
+        truncated: _abc.Iterable[_builtins.bool] | None = ...,
+        gen_logp_sum: _abc.Iterable[_builtins.float] | None = ...,
+        q_temperature: _builtins.float | None = ...,
+        q_epsilon: _builtins.float | None = ...,
+        scale_rewards: _builtins.bool | None = ...,
+        zero_truncated_completion_rewards: _builtins.bool | None = ...,
+        max_completion_len: _builtins.int | None = ...,
+        seed_grpo: Global___SeedGrpoOptions | None = ...,
+        on_failure: Global___RewardFailurePolicy.ValueType = ...,
+        advantage_scaling: Global___AdvantageScaling.ValueType = ...,
+        advantage_baseline: Global___AdvantageBaseline.ValueType = ...,
+        ref_logp_sum: _abc.Iterable[_builtins.float] | None = ...,
+        ref_token_counts: _abc.Iterable[_builtins.int] | None = ...,
+        include_reference_term: _builtins.bool | None = ...,
+        normalize_by_tokens: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_include_reference_term", b"_include_reference_term", "_max_completion_len", b"_max_completion_len", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_zero_truncated_completion_rewards", b"_zero_truncated_completion_rewards", "include_reference_term", b"include_reference_term", "max_completion_len", b"max_completion_len", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "scale_rewards", b"scale_rewards", "seed_grpo", b"seed_grpo", "zero_truncated_completion_rewards", b"zero_truncated_completion_rewards"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_include_reference_term", b"_include_reference_term", "_max_completion_len", b"_max_completion_len", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_zero_truncated_completion_rewards", b"_zero_truncated_completion_rewards", "advantage_baseline", b"advantage_baseline", "advantage_scaling", b"advantage_scaling", "answers", b"answers", "completions", b"completions", "gen_logp_sum", b"gen_logp_sum", "group_sizes", b"group_sizes", "include_reference_term", b"include_reference_term", "max_completion_len", b"max_completion_len", "normalize_by_tokens", b"normalize_by_tokens", "on_failure", b"on_failure", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "ref_logp_sum", b"ref_logp_sum", "ref_token_counts", b"ref_token_counts", "rewards", b"rewards", "run_id", b"run_id", "scale_rewards", b"scale_rewards", "seed_grpo", b"seed_grpo", "token_counts", b"token_counts", "truncated", b"truncated", "utilities", b"utilities", "zero_truncated_completion_rewards", b"zero_truncated_completion_rewards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__include_reference_term: _TypeAlias = _typing.Literal["include_reference_term"]  # noqa: Y015
+    _WhichOneofArgType__include_reference_term: _TypeAlias = _typing.Literal["_include_reference_term", b"_include_reference_term"]  # noqa: Y015
+    _WhichOneofReturnType__max_completion_len: _TypeAlias = _typing.Literal["max_completion_len"]  # noqa: Y015
+    _WhichOneofArgType__max_completion_len: _TypeAlias = _typing.Literal["_max_completion_len", b"_max_completion_len"]  # noqa: Y015
+    _WhichOneofReturnType__q_epsilon: _TypeAlias = _typing.Literal["q_epsilon"]  # noqa: Y015
+    _WhichOneofArgType__q_epsilon: _TypeAlias = _typing.Literal["_q_epsilon", b"_q_epsilon"]  # noqa: Y015
+    _WhichOneofReturnType__q_temperature: _TypeAlias = _typing.Literal["q_temperature"]  # noqa: Y015
+    _WhichOneofArgType__q_temperature: _TypeAlias = _typing.Literal["_q_temperature", b"_q_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__scale_rewards: _TypeAlias = _typing.Literal["scale_rewards"]  # noqa: Y015
+    _WhichOneofArgType__scale_rewards: _TypeAlias = _typing.Literal["_scale_rewards", b"_scale_rewards"]  # noqa: Y015
+    _WhichOneofReturnType__zero_truncated_completion_rewards: _TypeAlias = _typing.Literal["zero_truncated_completion_rewards"]  # noqa: Y015
+    _WhichOneofArgType__zero_truncated_completion_rewards: _TypeAlias = _typing.Literal["_zero_truncated_completion_rewards", b"_zero_truncated_completion_rewards"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__include_reference_term) -> _WhichOneofReturnType__include_reference_term | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_completion_len) -> _WhichOneofReturnType__max_completion_len | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__q_epsilon) -> _WhichOneofReturnType__q_epsilon | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__q_temperature) -> _WhichOneofReturnType__q_temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale_rewards) -> _WhichOneofReturnType__scale_rewards | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__zero_truncated_completion_rewards) -> _WhichOneofReturnType__zero_truncated_completion_rewards | None: ...
+
+Global___ComputeStepStatisticsRequest: _TypeAlias = ComputeStepStatisticsRequest  # noqa: Y015
+
+@_typing.final
+class ComputeStepStatisticsResponse(_message.Message):
+    """Response of ComputeStepStatistics: the fields of both responses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_UTILS_FIELD_NUMBER: _builtins.int
+    PER_REWARD_FIELD_NUMBER: _builtins.int
+    ADVANTAGES_FIELD_NUMBER: _builtins.int
+    Q_VALUES_FIELD_NUMBER: _builtins.int
+    REWARD_MEAN_FIELD_NUMBER: _builtins.int
+    REWARD_STD_FIELD_NUMBER: _builtins.int
+    SEED_SEMANTIC_ENTROPIES_FIELD_NUMBER: _builtins.int
+    SEED_ADVANTAGE_SCALES_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    ZERO_VARIANCE_GROUPS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
+    WEIGHT_ENTROPY_MIN_FIELD_NUMBER: _builtins.int
+    WEIGHT_ENTROPY_MAX_FIELD_NUMBER: _builtins.int
+    ADVANTAGE_ENTROPY_FIELD_NUMBER: _builtins.int
+    TAU_FIELD_NUMBER: _builtins.int
+    BETA_FIELD_NUMBER: _builtins.int
+    CONTROLLER_VERSION_FIELD_NUMBER: _builtins.int
+    GROUP_WEIGHT_ENTROPIES_FIELD_NUMBER: _builtins.int
+    reward_mean: _builtins.float
+    """Mean of the utilities over the whole batch (0 for an empty batch)."""
+    reward_std: _builtins.float
+    """Population standard deviation of the utilities (0 for an empty batch)."""
+    weight_entropy: _builtins.float
+    """Mean weight entropy over non-empty groups (nats)."""
+    weight_entropy_min: _builtins.float
+    """Smallest group weight entropy (nats)."""
+    weight_entropy_max: _builtins.float
+    """Largest group weight entropy (nats)."""
+    tau: _builtins.float
+    """Tau used for these weights."""
+    beta: _builtins.float
+    """Beta used for these weights."""
+    controller_version: _builtins.int
+    """Controller version the tau and beta were read at."""
+    @_builtins.property
+    def total_utils(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Utility u_i per completion (after truncation zeroing)."""
+
+    @_builtins.property
+    def per_reward(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardValues]:
+        """Raw values of each reward term, in request order."""
+
+    @_builtins.property
+    def advantages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """GRPO advantage per completion (SEED-GRPO scaled when enabled)."""
+
+    @_builtins.property
+    def q_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Listwise target q per completion; sums to 1 within each group."""
+
+    @_builtins.property
+    def seed_semantic_entropies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """SEED-GRPO semantic entropy H_g per group (nats); empty when disabled."""
+
+    @_builtins.property
+    def seed_advantage_scales(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """SEED-GRPO advantage scale per group; empty when disabled."""
+
+    @_builtins.property
+    def failed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """True where any reward function failed for the completion."""
+
+    @_builtins.property
+    def zero_variance_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per group: true when its utilities are all equal (see
+        ComputeRewardStatisticsResponse.zero_variance_groups).
+        """
+
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """MaxEnt weight per completion, from this q and the run's tau and beta;
+        sums to 1 within each group (the advantages under the GRPO objective).
+        """
+
+    @_builtins.property
+    def advantage_entropy(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Advantage-entropy samples w_i - 1/K_g per completion."""
+
+    @_builtins.property
+    def group_weight_entropies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Weight entropy of each group (nats); 0 for empty groups."""
+
+    def __init__(
+        self,
+        *,
+        total_utils: _abc.Iterable[_builtins.float] | None = ...,
+        per_reward: _abc.Iterable[Global___RewardValues] | None = ...,
+        advantages: _abc.Iterable[_builtins.float] | None = ...,
+        q_values: _abc.Iterable[_builtins.float] | None = ...,
+        reward_mean: _builtins.float = ...,
+        reward_std: _builtins.float = ...,
+        seed_semantic_entropies: _abc.Iterable[_builtins.float] | None = ...,
+        seed_advantage_scales: _abc.Iterable[_builtins.float] | None = ...,
+        failed: _abc.Iterable[_builtins.bool] | None = ...,
+        zero_variance_groups: _abc.Iterable[_builtins.bool] | None = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+        weight_entropy: _builtins.float = ...,
+        weight_entropy_min: _builtins.float = ...,
+        weight_entropy_max: _builtins.float = ...,
+        advantage_entropy: _abc.Iterable[_builtins.float] | None = ...,
+        tau: _builtins.float = ...,
+        beta: _builtins.float = ...,
+        controller_version: _builtins.int = ...,
+        group_weight_entropies: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advantage_entropy", b"advantage_entropy", "advantages", b"advantages", "beta", b"beta", "controller_version", b"controller_version", "failed", b"failed", "group_weight_entropies", b"group_weight_entropies", "per_reward", b"per_reward", "q_values", b"q_values", "reward_mean", b"reward_mean", "reward_std", b"reward_std", "seed_advantage_scales", b"seed_advantage_scales", "seed_semantic_entropies", b"seed_semantic_entropies", "tau", b"tau", "total_utils", b"total_utils", "weight_entropy", b"weight_entropy", "weight_entropy_max", b"weight_entropy_max", "weight_entropy_min", b"weight_entropy_min", "weights", b"weights", "zero_variance_groups", b"zero_variance_groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputeStepStatisticsResponse: _TypeAlias = ComputeStepStatisticsResponse  # noqa: Y015

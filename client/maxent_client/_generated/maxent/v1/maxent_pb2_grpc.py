@@ -65,6 +65,11 @@ class MaxEntServiceStub:
                 request_serializer=maxent_dot_v1_dot_maxent__pb2.ComputeWeightStatsRequest.SerializeToString,
                 response_deserializer=maxent_dot_v1_dot_maxent__pb2.ComputeWeightStatsResponse.FromString,
                 _registered_method=True)
+        self.ComputeStepStatistics = channel.unary_unary(
+                '/maxent.v1.MaxEntService/ComputeStepStatistics',
+                request_serializer=maxent_dot_v1_dot_maxent__pb2.ComputeStepStatisticsRequest.SerializeToString,
+                response_deserializer=maxent_dot_v1_dot_maxent__pb2.ComputeStepStatisticsResponse.FromString,
+                _registered_method=True)
         self.UpdateController = channel.unary_unary(
                 '/maxent.v1.MaxEntService/UpdateController',
                 request_serializer=maxent_dot_v1_dot_maxent__pb2.UpdateControllerRequest.SerializeToString,
@@ -127,6 +132,15 @@ class MaxEntServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeStepStatistics(self, request, context):
+        """One training step's numbers in one round trip: what
+        ComputeRewardStatistics returns, and the run's MaxEnt weights of that q
+        (the weights of ComputeWeightStats). Changes no state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateController(self, request, context):
         """Applies one controller step (tau adaptation, KL controller or the meta
         controller) to a run. Serialized per run; idempotent per request_id.
@@ -174,6 +188,11 @@ def add_MaxEntServiceServicer_to_server(servicer, server):
                     servicer.ComputeWeightStats,
                     request_deserializer=maxent_dot_v1_dot_maxent__pb2.ComputeWeightStatsRequest.FromString,
                     response_serializer=maxent_dot_v1_dot_maxent__pb2.ComputeWeightStatsResponse.SerializeToString,
+            ),
+            'ComputeStepStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComputeStepStatistics,
+                    request_deserializer=maxent_dot_v1_dot_maxent__pb2.ComputeStepStatisticsRequest.FromString,
+                    response_serializer=maxent_dot_v1_dot_maxent__pb2.ComputeStepStatisticsResponse.SerializeToString,
             ),
             'UpdateController': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateController,
@@ -349,6 +368,33 @@ class MaxEntService:
             '/maxent.v1.MaxEntService/ComputeWeightStats',
             maxent_dot_v1_dot_maxent__pb2.ComputeWeightStatsRequest.SerializeToString,
             maxent_dot_v1_dot_maxent__pb2.ComputeWeightStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeStepStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maxent.v1.MaxEntService/ComputeStepStatistics',
+            maxent_dot_v1_dot_maxent__pb2.ComputeStepStatisticsRequest.SerializeToString,
+            maxent_dot_v1_dot_maxent__pb2.ComputeStepStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

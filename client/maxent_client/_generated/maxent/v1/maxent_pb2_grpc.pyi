@@ -64,6 +64,11 @@ class MaxEntServiceStub:
     """Computes MaxEnt sequence weights with the run's current tau and beta.
     Changes no state.
     """
+    ComputeStepStatistics: _grpc.UnaryUnaryMultiCallable[_maxent_pb2.ComputeStepStatisticsRequest, _maxent_pb2.ComputeStepStatisticsResponse]
+    """One training step's numbers in one round trip: what
+    ComputeRewardStatistics returns, and the run's MaxEnt weights of that q
+    (the weights of ComputeWeightStats). Changes no state.
+    """
     UpdateController: _grpc.UnaryUnaryMultiCallable[_maxent_pb2.UpdateControllerRequest, _maxent_pb2.UpdateControllerResponse]
     """Applies one controller step (tau adaptation, KL controller or the meta
     controller) to a run. Serialized per run; idempotent per request_id.
@@ -94,6 +99,11 @@ class MaxEntServiceAsyncStub(MaxEntServiceStub):
     ComputeWeightStats: _aio.UnaryUnaryMultiCallable[_maxent_pb2.ComputeWeightStatsRequest, _maxent_pb2.ComputeWeightStatsResponse]  # type: ignore[assignment]
     """Computes MaxEnt sequence weights with the run's current tau and beta.
     Changes no state.
+    """
+    ComputeStepStatistics: _aio.UnaryUnaryMultiCallable[_maxent_pb2.ComputeStepStatisticsRequest, _maxent_pb2.ComputeStepStatisticsResponse]  # type: ignore[assignment]
+    """One training step's numbers in one round trip: what
+    ComputeRewardStatistics returns, and the run's MaxEnt weights of that q
+    (the weights of ComputeWeightStats). Changes no state.
     """
     UpdateController: _aio.UnaryUnaryMultiCallable[_maxent_pb2.UpdateControllerRequest, _maxent_pb2.UpdateControllerResponse]  # type: ignore[assignment]
     """Applies one controller step (tau adaptation, KL controller or the meta
@@ -158,6 +168,17 @@ class MaxEntServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_maxent_pb2.ComputeWeightStatsResponse, _abc.Awaitable[_maxent_pb2.ComputeWeightStatsResponse]]:
         """Computes MaxEnt sequence weights with the run's current tau and beta.
         Changes no state.
+        """
+
+    @_abc_1.abstractmethod
+    def ComputeStepStatistics(
+        self,
+        request: _maxent_pb2.ComputeStepStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_maxent_pb2.ComputeStepStatisticsResponse, _abc.Awaitable[_maxent_pb2.ComputeStepStatisticsResponse]]:
+        """One training step's numbers in one round trip: what
+        ComputeRewardStatistics returns, and the run's MaxEnt weights of that q
+        (the weights of ComputeWeightStats). Changes no state.
         """
 
     @_abc_1.abstractmethod
