@@ -8,6 +8,12 @@ a real maxent-server process against
 All in one run on the same machine; the ratios are what to quote.
 
     python bench/bench_core.py [--prompts 1024] [--generations 16] [--repeats 200]
+                               [--step-prompts 1024,65536]
+
+Then, per size in --step-prompts, the fused ComputeStepStatistics round trip
+against the service's own engine called in-process on the whole batch (no
+gRPC; Engine.step_statistics, one torch thread as the server uses), and
+against the two calls it replaces.
 
 The RPCs and the echo calls are timed in interleaved rounds (one call of
 each per round), so a change of load on the machine hits them alike.
@@ -34,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from maxent_client import MaxEntClient, WeightingConfig  # noqa: E402
 from maxent_client._generated.maxent.v1 import maxent_pb2 as pb  # noqa: E402
+from maxent_server.engine import Engine, RewardOptions, WeightOptions  # noqa: E402
 from server_process import ServerProcess, free_port  # noqa: E402
 
 TAU, BETA = 0.3, 0.05
@@ -136,11 +143,42 @@ def peak_rss_mib(pid: int) -> float:
     return math.nan
 
 
+def step_rows(client: MaxEntClient, prompt_counts: list[int], k: int, repeats: int) -> list[tuple]:
+    """(prompts, in-process engine s, fused RPC s, two RPCs s) per batch size."""
+    engine = Engine("cpu", threads=1)
+    rows = []
+    for g in prompt_counts:
+        rng = np.random.default_rng(g)
+        utilities, sizes = rng.normal(size=g * k), np.full(g, k)
+        ref_logp, ref_counts = rng.normal(-40, 10, size=g * k), rng.integers(10, 200, size=g * k)
+
+        def in_process():
+            return engine.step_statistics(sizes, utilities, RewardOptions(), ref_logp, ref_counts,
+                                          WeightOptions(tau=TAU, beta=BETA))
+
+        def fused():
+            return client.compute_step_statistics("bench", utilities=utilities, group_sizes=sizes,
+                                                  ref_logp_sum=ref_logp, ref_token_counts=ref_counts)
+
+        def two_calls():
+            stats = client.compute_reward_statistics(utilities=utilities, group_sizes=sizes, run_id="bench")
+            return client.compute_weight_stats("bench", q_values=stats.q_values, ref_logp_sum=ref_logp,
+                                               ref_token_counts=ref_counts, group_sizes=sizes)
+
+        np.testing.assert_allclose(fused().weights, in_process()[1].weights, atol=1e-12)
+        rounds = repeats if g * k <= 32_768 else max(5, repeats // 20)
+        t = interleaved_medians({"engine": in_process, "fused": fused, "two": two_calls}, rounds)
+        rows.append((g, t["engine"], t["fused"], t["two"]))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=1024)
     parser.add_argument("--generations", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--step-prompts", default="1024,65536",
+                        help="comma-separated prompt counts for the ComputeStepStatistics rows ('' skips them)")
     args = parser.parse_args()
     g, k = args.prompts, args.generations
     rng = np.random.default_rng(0)
@@ -200,6 +238,8 @@ def main() -> int:
                     "floor_rewards": lambda: reply0(reward_bytes, timeout=60),
                     "floor_weights": lambda: reply1(weight_bytes, timeout=60),
                 }, args.repeats)
+            step_prompts = [int(x) for x in args.step_prompts.split(",") if x.strip()]
+            steps = step_rows(client, step_prompts, k, args.repeats)
             rss = peak_rss_mib(server.proc.pid)
         finally:
             if echo is not None:
@@ -222,6 +262,11 @@ def main() -> int:
     print(f"cost relative to the transport floor (same request in, a fixed real-sized response out): "
           f"{rpc_total / floor_total:.2f}x  (floor {t_floor_rewards:.4f} + {t_floor_weights:.4f} s; responses are "
           f"{reply_sizes[0] / len(reward_bytes):.1f}x and {reply_sizes[1] / len(weight_bytes):.1f}x the request size)")
+    for g_step, t_engine, t_fused, t_two in steps:
+        goal = 2.0 if g_step * k <= 16_384 else 1.5
+        print(f"ComputeStepStatistics, {g_step} x {k}: fused {t_fused:.4f} s, two calls {t_two:.4f} s, "
+              f"in-process engine {t_engine:.4f} s -> fused/engine {t_fused / t_engine:.2f}x "
+              f"(goal <= {goal}x), two calls/engine {t_two / t_engine:.2f}x")
     print(f"server peak RSS:            {rss:6.0f} MiB")
     return 0
 

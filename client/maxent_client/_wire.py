@@ -5,8 +5,9 @@ value in Python; a batch of a million completions would spend seconds there.
 Instead the packed wire form of each array (tag, length, payload) is built
 with numpy and either merged into a message (`fill`: one parse, in C) or
 appended to the message's own serialized bytes (`encode`: no parse at all,
-for messages that are only sent). Reading goes the other way through
-`np.array(field)`, which copies from the runtime's contiguous storage.
+for messages that are only sent). Reading goes the other way: `decode` cuts
+the packed arrays out of the received bytes and reads them with numpy,
+leaving only the small rest of the message to the protobuf runtime.
 """
 
 from __future__ import annotations
@@ -98,5 +99,108 @@ def encode(message: Any, **arrays: Any) -> bytes:
 
 
 def array(field: Any, dtype: Any = np.float64) -> np.ndarray:
-    """A repeated numeric field as a numpy array."""
+    """A repeated numeric field (or an array `decode` already read) as a numpy array."""
+    if isinstance(field, np.ndarray):
+        return field.astype(dtype, copy=False)
     return np.array(field, dtype=dtype) if len(field) else np.empty(0, dtype=dtype)
+
+
+def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def read_varints(payload: bytes | memoryview) -> np.ndarray:
+    """Packed varints (int64 two's complement, or bools) as an int64 array."""
+    b = np.frombuffer(payload, dtype=np.uint8)
+    if b.size == 0 or b.max() < 0x80:  # every value fits one byte
+        return b.astype(np.int64)
+    last = b < 0x80
+    starts = np.flatnonzero(np.concatenate(([True], last[:-1])))
+    shift = (np.arange(b.size) - np.repeat(starts, np.diff(np.append(starts, b.size)))) * 7
+    parts = (b & 0x7F).astype(np.uint64) << shift.astype(np.uint64)
+    return np.bitwise_or.reduceat(parts, starts).view(np.int64)
+
+
+_NUMERIC = {}  # message descriptor -> {field number: (name, dtype)}
+
+
+def _packed_fields(descriptor: Any) -> dict[int, tuple[str, Any]]:
+    fields = _NUMERIC.get(descriptor)
+    if fields is None:
+        kinds = {"TYPE_DOUBLE": np.float64, "TYPE_INT64": np.int64, "TYPE_BOOL": np.bool_}
+        fields = {}
+        for f in descriptor.fields:
+            kind = next((dtype for name, dtype in kinds.items() if f.type == getattr(f, name)), None)
+            if kind is not None and f.is_repeated:
+                fields[f.number] = (f.name, kind)
+        _NUMERIC[descriptor] = fields
+    return fields
+
+
+class Decoded:
+    """A parsed message whose packed numeric arrays were read by numpy:
+    attribute access gives the array for those fields and the message's own
+    value for every other one."""
+
+    __slots__ = ("message", "arrays")
+
+    def __init__(self, message: Any, arrays: dict[str, np.ndarray]) -> None:
+        self.message = message
+        self.arrays = arrays
+
+    def __getattr__(self, name: str) -> Any:
+        arrays = object.__getattribute__(self, "arrays")
+        if name in arrays:
+            return arrays[name]
+        return getattr(object.__getattribute__(self, "message"), name)
+
+
+def decode(message_class: Any, data: bytes) -> Decoded:
+    """Parse `data` as `message_class`, reading packed repeated double, int64
+    and bool fields straight from the bytes. Falls back to the runtime for
+    anything unusual (an unpacked repeated field, a malformed buffer)."""
+    fields = _packed_fields(message_class.DESCRIPTOR)
+    view = memoryview(data)
+    rest: list[memoryview] = []
+    chunks: dict[int, list[memoryview]] = {}
+    pos = 0
+    try:
+        while pos < len(view):
+            start = pos
+            key, pos = _read_varint(view, pos)
+            number, wire = key >> 3, key & 7
+            if wire == _LENGTH_DELIMITED:
+                length, pos = _read_varint(view, pos)
+                pos += length
+                if number in fields:
+                    chunks.setdefault(number, []).append(view[pos - length:pos])
+                    continue
+            elif wire == 0:
+                _, pos = _read_varint(view, pos)
+            elif wire in (1, 5) and number not in fields:
+                pos += 8 if wire == 1 else 4
+            else:
+                raise ValueError("not a form this reader takes")
+            rest.append(view[start:pos])
+        if pos != len(view):
+            raise ValueError("truncated")
+    except (IndexError, ValueError):
+        message = message_class.FromString(data)
+        return Decoded(message, {})
+    message = message_class.FromString(b"".join(rest))
+    arrays = {}
+    for number, (name, dtype) in fields.items():
+        parts = chunks.get(number, ())
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        if dtype is np.float64:  # one copy: the arrays are the caller's to change
+            arrays[name] = np.frombuffer(payload, dtype="<f8").astype(np.float64, copy=True)
+        else:
+            arrays[name] = read_varints(payload).astype(dtype, copy=False)
+    return Decoded(message, arrays)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -13,6 +14,7 @@ from . import _messages as msg
 from ._channel import SERVICE, ChannelSettings
 from ._generated.maxent.v1 import maxent_pb2 as pb
 from ._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from ._wire import decode
 from .errors import from_rpc_error
 from .models import (
     FailurePolicy,
@@ -71,12 +73,13 @@ class ClientBase:
         self._metadata = self.settings.call_metadata()
         self._channel = self._open_channel()
         self._stub = pb_grpc.MaxEntServiceStub(self._channel)
-        # The batch RPCs take requests already serialized by _messages.
+        # The batch RPCs take requests already serialized by _messages and
+        # read their responses' arrays with numpy (_wire.decode).
         self._encoded = {
             name: self._channel.unary_unary(
                 f"/{SERVICE}/{name}",
                 request_serializer=None,
-                response_deserializer=getattr(pb, f"{name}Response").FromString,
+                response_deserializer=partial(decode, getattr(pb, f"{name}Response")),
             )
             for name in ENCODED_METHODS
         }
