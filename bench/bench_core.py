@@ -44,6 +44,8 @@ from maxent_server.engine import Engine, RewardOptions, WeightOptions  # noqa: E
 from server_process import ServerProcess, free_port  # noqa: E402
 
 TAU, BETA = 0.3, 0.05
+# What a trainer reads back from ComputeStepStatistics (its read_mask).
+TRAINER_FIELDS = ("weights", "advantages", "zero_variance_groups", "group_weight_entropies")
 
 
 def baseline_rewards(utilities: list[list[float]]):
@@ -144,7 +146,8 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def step_rows(client: MaxEntClient, prompt_counts: list[int], k: int, repeats: int) -> list[tuple]:
-    """(prompts, in-process engine s, fused RPC s, two RPCs s) per batch size."""
+    """(prompts, in-process engine s, fused RPC s, fused RPC with a read mask s,
+    two RPCs s) per batch size."""
     engine = Engine("cpu", threads=1)
     rows = []
     for g in prompt_counts:
@@ -160,6 +163,11 @@ def step_rows(client: MaxEntClient, prompt_counts: list[int], k: int, repeats: i
             return client.compute_step_statistics("bench", utilities=utilities, group_sizes=sizes,
                                                   ref_logp_sum=ref_logp, ref_token_counts=ref_counts)
 
+        def fused_masked():
+            return client.compute_step_statistics("bench", utilities=utilities, group_sizes=sizes,
+                                                  ref_logp_sum=ref_logp, ref_token_counts=ref_counts,
+                                                  read_mask=TRAINER_FIELDS)
+
         def two_calls():
             stats = client.compute_reward_statistics(utilities=utilities, group_sizes=sizes, run_id="bench")
             return client.compute_weight_stats("bench", q_values=stats.q_values, ref_logp_sum=ref_logp,
@@ -167,8 +175,9 @@ def step_rows(client: MaxEntClient, prompt_counts: list[int], k: int, repeats: i
 
         np.testing.assert_allclose(fused().weights, in_process()[1].weights, atol=1e-12)
         rounds = repeats if g * k <= 32_768 else max(5, repeats // 20)
-        t = interleaved_medians({"engine": in_process, "fused": fused, "two": two_calls}, rounds)
-        rows.append((g, t["engine"], t["fused"], t["two"]))
+        t = interleaved_medians({"engine": in_process, "fused": fused, "masked": fused_masked, "two": two_calls},
+                                rounds)
+        rows.append((g, t["engine"], t["fused"], t["masked"], t["two"]))
     return rows
 
 
@@ -262,11 +271,12 @@ def main() -> int:
     print(f"cost relative to the transport floor (same request in, a fixed real-sized response out): "
           f"{rpc_total / floor_total:.2f}x  (floor {t_floor_rewards:.4f} + {t_floor_weights:.4f} s; responses are "
           f"{reply_sizes[0] / len(reward_bytes):.1f}x and {reply_sizes[1] / len(weight_bytes):.1f}x the request size)")
-    for g_step, t_engine, t_fused, t_two in steps:
+    for g_step, t_engine, t_fused, t_masked, t_two in steps:
         goal = 2.0 if g_step * k <= 16_384 else 1.5
-        print(f"ComputeStepStatistics, {g_step} x {k}: fused {t_fused:.4f} s, two calls {t_two:.4f} s, "
-              f"in-process engine {t_engine:.4f} s -> fused/engine {t_fused / t_engine:.2f}x "
-              f"(goal <= {goal}x), two calls/engine {t_two / t_engine:.2f}x")
+        print(f"ComputeStepStatistics, {g_step} x {k}: in-process engine {t_engine:.4f} s; "
+              f"fused {t_fused:.4f} s = {t_fused / t_engine:.2f}x; "
+              f"fused, read_mask {'+'.join(TRAINER_FIELDS)} {t_masked:.4f} s = {t_masked / t_engine:.2f}x "
+              f"(goal <= {goal}x); two calls {t_two:.4f} s = {t_two / t_engine:.2f}x")
     print(f"server peak RSS:            {rss:6.0f} MiB")
     return 0
 

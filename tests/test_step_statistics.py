@@ -153,3 +153,21 @@ def test_async_client_step(server, run_id):
     step = asyncio.run(main())
     assert step.zero_variance_groups.tolist() == [False, True]
     assert step.weights[2:].tolist() == [0.5, 0.5] and step.weights[0] > step.weights[1]
+
+
+def test_read_mask_sends_only_the_named_arrays(client, run_id):
+    client.create_run(run_id, WeightingConfig(tau=0.4))
+    sizes, utilities, _, _ = _batch(4)
+    full = client.compute_step_statistics(run_id, utilities=utilities, group_sizes=sizes, include_reference_term=False)
+    masked = client.compute_step_statistics(run_id, utilities=utilities, group_sizes=sizes,
+                                            include_reference_term=False, read_mask=("weights", "zero_variance_groups"))
+    np.testing.assert_array_equal(masked.weights, full.weights)
+    np.testing.assert_array_equal(masked.zero_variance_groups, full.zero_variance_groups)
+    assert masked.advantages.size == masked.q_values.size == masked.total_utils.size == 0
+    assert (masked.weight_entropy, masked.reward_mean, masked.tau) == (full.weight_entropy, full.reward_mean, 0.4)
+    with pytest.raises(InvalidArgumentError) as bad:
+        client.compute_step_statistics(run_id, utilities=utilities, group_sizes=sizes,
+                                       include_reference_term=False, read_mask=("weights", "tau"))
+    assert [v.field for v in bad.value.violations] == ["read_mask.paths[1]"]
+    with pytest.raises(TypeError, match="read_mask"):
+        client.compute_step_statistics(run_id, utilities=[[1.0]], read_mask="weights")

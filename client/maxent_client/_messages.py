@@ -111,12 +111,18 @@ def step_request(
     ref_token_counts: Any = None,
     include_reference_term: bool | None = None,
     normalize_by_tokens: bool = False,
+    read_mask: Sequence[str] | None = None,
     **reward_fields: Any,
 ) -> tuple[bytes, np.ndarray]:
     """A ComputeStepStatistics request: the reward fields (reward_request's
     keywords) plus the reference arrays of the weights."""
     message = pb.ComputeStepStatisticsRequest(normalize_by_tokens=normalize_by_tokens)
     set_optional(message, include_reference_term=include_reference_term)
+    if read_mask is not None:
+        if isinstance(read_mask, str):
+            raise TypeError("read_mask takes a sequence of field names, e.g. ('weights', 'advantages')")
+        message.read_mask.SetInParent()
+        message.read_mask.paths.extend(read_mask)
     return reward_request(
         run_id=run_id, message=message, ref_logp_sum=_flat(ref_logp_sum, np.float64),
         ref_token_counts=_flat(ref_token_counts, np.int64), **reward_fields,

@@ -220,6 +220,7 @@ class MaxEntClient(ClientBase):
         ref_token_counts: Any = None,
         include_reference_term: bool | None = None,
         normalize_by_tokens: bool = False,
+        read_mask: Sequence[str] | None = None,
         q_temperature: float | None = None,
         q_epsilon: float | None = None,
         scale_rewards: bool | str | None = None,
@@ -232,9 +233,12 @@ class MaxEntClient(ClientBase):
     ) -> StepStatistics:
         """One training step in one round trip: compute_reward_statistics on
         the batch, then the run's MaxEnt weights of its q with these reference
-        log-probs (compute_weight_stats), read at one controller version."""
+        log-probs (compute_weight_stats), read at one controller version.
+
+        `read_mask` names the arrays to send back (e.g. ``("weights",
+        "advantages")``); the others come back empty. Default: all."""
         request, sizes = msg.step_request(
-            run_id, ref_logp_sum=ref_logp_sum, ref_token_counts=ref_token_counts,
+            run_id, ref_logp_sum=ref_logp_sum, ref_token_counts=ref_token_counts, read_mask=read_mask,
             include_reference_term=include_reference_term, normalize_by_tokens=normalize_by_tokens,
             utilities=utilities, completions=completions, answers=answers, rewards=rewards, group_sizes=group_sizes,
             token_counts=token_counts, truncated=truncated, gen_logp_sum=gen_logp_sum, q_temperature=q_temperature,

@@ -20,7 +20,7 @@ import numpy as np
 
 from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
-from maxent_client._wire import encode, fill
+from maxent_client._wire import decode, encode, fill
 
 from . import convert
 from .engine import ControllerUpdate, Engine, RewardOptions, RunConfig, SeedGrpoSettings, WeightOptions, apply_update
@@ -60,17 +60,24 @@ def serialize_response(response: Any) -> bytes:
 
 def add_to_server(servicer: "MaxEntServicer", server: Any) -> None:
     """Register `servicer` on `server` as the generated helper does, with a
-    response serializer that passes an EncodedResponse's bytes through."""
+    response serializer that passes an EncodedResponse's bytes through and,
+    for the batch methods, requests whose arrays numpy reads off the wire."""
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, method.name),
-            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            request_deserializer=_request_reader(getattr(pb, method.input_type.name)),
             response_serializer=serialize_response,
         )
         for method in SERVICE.methods
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def _request_reader(message_class: Any) -> Callable[[bytes], Any]:
+    has_arrays = any(f.is_repeated and f.type != f.TYPE_STRING and f.type != f.TYPE_MESSAGE
+                     for f in message_class.DESCRIPTOR.fields)
+    return partial(decode, message_class) if has_arrays else message_class.FromString
 
 
 class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
@@ -202,17 +209,23 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         inputs = _RewardInputs.parse(request, record.config, self.rewards, v)
         options = _weight_options(record, request)
         reference = _parse_reference(v, request, options, int(inputs.group_sizes[inputs.group_sizes > 0].sum()))
+        _check_read_mask(v, request)
         v.raise_if_any()
         utilities, valid, failed, per_reward = self._utilities(request, inputs, cancelled)
         stats, weights = self.engine.step_statistics(
             inputs.group_sizes, utilities, inputs.options, *reference, options, valid=valid,
             **inputs.engine_kwargs(request),
         )
+        arrays = {**_reward_arrays(stats, failed), **_weight_arrays(weights)}
+        wanted = set(request.read_mask.paths) if request.HasField("read_mask") else None
+        if wanted is not None:
+            arrays = {name: values for name, values in arrays.items() if name in wanted}
+            per_reward = per_reward if "per_reward" in wanted else []
         response = pb.ComputeStepStatisticsResponse(
             per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std,
             **_weight_scalars(weights, record.state),
         )
-        return EncodedResponse(response, **_reward_arrays(stats, failed), **_weight_arrays(weights))
+        return EncodedResponse(response, **arrays)
 
     def _utilities(self, request, inputs: "_RewardInputs", cancelled: threading.Event | None):
         """Utilities (given, or evaluated from reward terms), the mask of
@@ -359,6 +372,16 @@ def _weight_arrays(stats) -> dict[str, Any]:
         advantage_entropy=stats.advantage_entropy,
         group_weight_entropies=stats.group_entropies,
     )
+
+
+_STEP_ARRAYS = frozenset(f.name for f in pb.ComputeStepStatisticsResponse.DESCRIPTOR.fields if f.is_repeated)
+
+
+def _check_read_mask(v: Violations, request) -> None:
+    for i, path in enumerate(request.read_mask.paths):
+        if path not in _STEP_ARRAYS:
+            v.add(f"read_mask.paths[{i}]", f"{path!r} is not a repeated field of ComputeStepStatisticsResponse "
+                                           f"(one of {', '.join(sorted(_STEP_ARRAYS))})")
 
 
 def _check_advantage_options(v: Violations, message, prefix: str = "") -> None:

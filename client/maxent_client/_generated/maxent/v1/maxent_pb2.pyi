@@ -17,6 +17,7 @@ Conventions:
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -1372,6 +1373,7 @@ class ComputeStepStatisticsRequest(_message.Message):
     REF_TOKEN_COUNTS_FIELD_NUMBER: _builtins.int
     INCLUDE_REFERENCE_TERM_FIELD_NUMBER: _builtins.int
     NORMALIZE_BY_TOKENS_FIELD_NUMBER: _builtins.int
+    READ_MASK_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Run whose config gives the defaults and whose current tau and beta weight
     the completions. Required.
@@ -1454,6 +1456,14 @@ class ComputeStepStatisticsRequest(_message.Message):
         length-normalises the reference or normalize_by_tokens is set.
         """
 
+    @_builtins.property
+    def read_mask(self) -> _field_mask_pb2.FieldMask:
+        """The repeated fields of the response to send, by name (for example
+        "weights", "advantages"); the others come back empty. Scalar fields are
+        always sent. Unset: every field. At a million completions each array is
+        8 MB on the wire, so a trainer asks only for what it reads.
+        """
+
     def __init__(
         self,
         *,
@@ -1479,10 +1489,11 @@ class ComputeStepStatisticsRequest(_message.Message):
         ref_token_counts: _abc.Iterable[_builtins.int] | None = ...,
         include_reference_term: _builtins.bool | None = ...,
         normalize_by_tokens: _builtins.bool = ...,
+        read_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_include_reference_term", b"_include_reference_term", "_max_completion_len", b"_max_completion_len", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_zero_truncated_completion_rewards", b"_zero_truncated_completion_rewards", "include_reference_term", b"include_reference_term", "max_completion_len", b"max_completion_len", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "scale_rewards", b"scale_rewards", "seed_grpo", b"seed_grpo", "zero_truncated_completion_rewards", b"zero_truncated_completion_rewards"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_include_reference_term", b"_include_reference_term", "_max_completion_len", b"_max_completion_len", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_zero_truncated_completion_rewards", b"_zero_truncated_completion_rewards", "include_reference_term", b"include_reference_term", "max_completion_len", b"max_completion_len", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "read_mask", b"read_mask", "scale_rewards", b"scale_rewards", "seed_grpo", b"seed_grpo", "zero_truncated_completion_rewards", b"zero_truncated_completion_rewards"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_include_reference_term", b"_include_reference_term", "_max_completion_len", b"_max_completion_len", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_zero_truncated_completion_rewards", b"_zero_truncated_completion_rewards", "advantage_baseline", b"advantage_baseline", "advantage_scaling", b"advantage_scaling", "answers", b"answers", "completions", b"completions", "gen_logp_sum", b"gen_logp_sum", "group_sizes", b"group_sizes", "include_reference_term", b"include_reference_term", "max_completion_len", b"max_completion_len", "normalize_by_tokens", b"normalize_by_tokens", "on_failure", b"on_failure", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "ref_logp_sum", b"ref_logp_sum", "ref_token_counts", b"ref_token_counts", "rewards", b"rewards", "run_id", b"run_id", "scale_rewards", b"scale_rewards", "seed_grpo", b"seed_grpo", "token_counts", b"token_counts", "truncated", b"truncated", "utilities", b"utilities", "zero_truncated_completion_rewards", b"zero_truncated_completion_rewards"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_include_reference_term", b"_include_reference_term", "_max_completion_len", b"_max_completion_len", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_zero_truncated_completion_rewards", b"_zero_truncated_completion_rewards", "advantage_baseline", b"advantage_baseline", "advantage_scaling", b"advantage_scaling", "answers", b"answers", "completions", b"completions", "gen_logp_sum", b"gen_logp_sum", "group_sizes", b"group_sizes", "include_reference_term", b"include_reference_term", "max_completion_len", b"max_completion_len", "normalize_by_tokens", b"normalize_by_tokens", "on_failure", b"on_failure", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "read_mask", b"read_mask", "ref_logp_sum", b"ref_logp_sum", "ref_token_counts", b"ref_token_counts", "rewards", b"rewards", "run_id", b"run_id", "scale_rewards", b"scale_rewards", "seed_grpo", b"seed_grpo", "token_counts", b"token_counts", "truncated", b"truncated", "utilities", b"utilities", "zero_truncated_completion_rewards", b"zero_truncated_completion_rewards"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__include_reference_term: _TypeAlias = _typing.Literal["include_reference_term"]  # noqa: Y015
     _WhichOneofArgType__include_reference_term: _TypeAlias = _typing.Literal["_include_reference_term", b"_include_reference_term"]  # noqa: Y015
