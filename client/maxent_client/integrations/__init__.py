@@ -20,6 +20,7 @@ from typing import Any
 _EXPORTS = {
     "MaxEntRewardFunction": "trl",
     "MaxEntControllerCallback": "trl",
+    "MaxEntGRPOTrainer": "trl",
     "MainProcessClient": "accelerate",
 }
 

@@ -25,6 +25,9 @@ the configured reward terms and returns, by ``output``:
 * ``"advantages"``: the service's GRPO advantages (SEED-GRPO scaled when
   enabled). TRL normalises rewards again per group; use
   ``GRPOConfig(scale_rewards="none")`` to keep the service's scale.
+  ``scale_rewards`` ("group" | "batch" | "none", or a bool) and
+  ``advantage_baseline`` ("group_mean" | "leave_one_out") choose how the
+  service forms them.
 * ``"weights"``: the MaxEnt weights w of ComputeWeightStats with the run's
   current tau and beta. TRL gives reward functions no reference-model
   log-probabilities, so the beta*log pi_ref factor is left out
@@ -37,7 +40,9 @@ through TRL's ``log_metric``; :class:`MaxEntControllerCallback` sends that
 entropy and TRL's ``kl`` to UpdateController after each logging step.
 
 Neither class needs trl or transformers at import time; the callback's class
-is built on first access (it subclasses ``transformers.TrainerCallback``).
+is built on first access (it subclasses ``transformers.TrainerCallback``), and
+so is :class:`~maxent_client.integrations.trl_trainer.MaxEntGRPOTrainer`, a
+``GRPOTrainer`` that trains with the service's MaxEnt weights.
 """
 
 from __future__ import annotations
@@ -98,7 +103,8 @@ class MaxEntRewardFunction:
         send_token_counts: bool = True,
         max_completion_len: int | None = None,
         zero_truncated_completion_rewards: bool | None = None,
-        scale_rewards: bool | None = None,
+        scale_rewards: bool | str | None = None,
+        advantage_baseline: str | None = None,
         q_temperature: float | None = None,
         seed_grpo: SeedGrpo | bool | None = None,
         on_failure: FailurePolicy | None = None,
@@ -134,6 +140,7 @@ class MaxEntRewardFunction:
             "max_completion_len": max_completion_len,
             "zero_truncated_completion_rewards": zero_truncated_completion_rewards,
             "scale_rewards": scale_rewards,
+            "advantage_baseline": advantage_baseline,
             "q_temperature": q_temperature,
             "seed_grpo": seed_grpo,
             "on_failure": on_failure,
@@ -460,4 +467,9 @@ def _callback_class() -> type:
 def __getattr__(name: str) -> Any:
     if name == "MaxEntControllerCallback":
         return _callback_class()
+    if name == "MaxEntGRPOTrainer":  # imports trl; see maxent_client.integrations.trl_trainer
+        from .trl_trainer import MaxEntGRPOTrainer
+
+        globals()[name] = MaxEntGRPOTrainer
+        return MaxEntGRPOTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
