@@ -117,15 +117,22 @@ def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
 
 
 def read_varints(payload: bytes | memoryview) -> np.ndarray:
-    """Packed varints (int64 two's complement, or bools) as an int64 array."""
+    """Packed varints (int64 two's complement, or bools) as an int64 array.
+
+    Reads one byte column at a time (the k-th byte of every varint that has
+    one), as many columns as the longest varint has bytes."""
     b = np.frombuffer(payload, dtype=np.uint8)
     if b.size == 0 or b.max() < 0x80:  # every value fits one byte
         return b.astype(np.int64)
-    last = b < 0x80
-    starts = np.flatnonzero(np.concatenate(([True], last[:-1])))
-    shift = (np.arange(b.size) - np.repeat(starts, np.diff(np.append(starts, b.size)))) * 7
-    parts = (b & 0x7F).astype(np.uint64) << shift.astype(np.uint64)
-    return np.bitwise_or.reduceat(parts, starts).view(np.int64)
+    ends = np.flatnonzero(b < 0x80)
+    starts = np.empty_like(ends)
+    starts[0], starts[1:] = 0, ends[:-1] + 1
+    lengths = ends - starts + 1
+    values = (b[starts] & 0x7F).astype(np.uint64)
+    for column in range(1, int(lengths.max())):
+        longer = np.flatnonzero(lengths > column)
+        values[longer] |= (b[starts[longer] + column] & 0x7F).astype(np.uint64) << np.uint64(7 * column)
+    return values.view(np.int64)
 
 
 _NUMERIC = {}  # message descriptor -> {field number: (name, dtype)}
