@@ -1,9 +1,9 @@
-"""A plain, slow, obviously-correct oracle for SPEC.md §2-§7.
+"""A plain, slow, obviously-correct oracle for docs/math.md §2-§7.
 
-Written from the SPEC text alone: pure Python floats and the ``math`` module,
+Written from the text of docs/math.md alone: pure Python floats and the ``math`` module,
 one group at a time with ordinary loops. Nothing here imports the service.
 
-Conventions where the SPEC is silent (each is listed in the test report):
+Conventions spelled out here (each is listed in the test report):
 
 * An empty group contributes nothing: no advantages, no q, no weights; its
   semantic entropy is 0 and its SEED scale is 1; its weight entropy is left
@@ -539,7 +539,7 @@ def controller_update(
     beta_grad: Optional[float] = None,
     lr_scale: float = 1.0,
 ) -> ControllerState:
-    """One accepted update, in the SPEC's order."""
+    """One accepted update, in the order of docs/math.md §7."""
     tau, beta, log_tau, ema = state.tau, state.beta, state.log_tau, state.ema
     target = target_entropy_at(config, step)
 

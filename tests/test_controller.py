@@ -1,4 +1,4 @@
-"""The controller update (SPEC.md §7) against the plain reference, plus fixed scenarios."""
+"""The controller update (docs/math.md §7) against the plain reference, plus fixed scenarios."""
 
 from __future__ import annotations
 

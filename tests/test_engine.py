@@ -1,4 +1,4 @@
-"""The torch engine against the plain reference of SPEC.md §2-§6 (tests/reference.py).
+"""The torch engine against the plain reference of docs/math.md §2-§6 (tests/reference.py).
 
 Everything is compared within 1e-6 absolute/relative: |engine − reference| ≤
 1e-6 · max(1, |reference|).

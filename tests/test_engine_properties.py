@@ -1,4 +1,4 @@
-"""Property tests of the engine (SPEC.md §3-§7): invariants that hold for any input."""
+"""Property tests of the engine (docs/math.md §3-§7): invariants that hold for any input."""
 
 from __future__ import annotations
 

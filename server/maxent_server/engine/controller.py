@@ -1,7 +1,7 @@
-"""Run configuration, controller state and the controller update (SPEC.md §7).
+"""Run configuration, controller state and the controller update (docs/math.md §7).
 
 Scalar arithmetic in plain Python floats: one update touches a handful of
-numbers, and float64 Python math is exactly what the spec describes.
+numbers, and float64 Python math is exactly what docs/math.md describes.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class Engine:
         gen_logp_sum: np.ndarray | None = None,
         answers: list[str | None] | None = None,
     ) -> RewardStatistics:
-        """Utilities to moments, advantages and q (SPEC.md §1-§5).
+        """Utilities to moments, advantages and q (docs/math.md §1-§5).
 
         `valid` marks completions that take part (False: excluded by a
         failed reward; advantage 0, q 0, left out of every statistic).
@@ -198,7 +198,7 @@ class Engine:
         *,
         advantages: np.ndarray | None = None,
     ) -> WeightStats:
-        """MaxEnt weights and entropy diagnostics (SPEC.md §6)."""
+        """MaxEnt weights and entropy diagnostics (docs/math.md §6)."""
         seg = Segments.from_sizes(group_sizes, self.device)
         if options.train_grpo_objective:
             assert advantages is not None

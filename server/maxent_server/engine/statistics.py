@@ -1,5 +1,5 @@
 """Reward moments, GRPO advantages, the listwise target q and SEED-GRPO
-semantic-entropy scaling (SPEC.md §2-§5), vectorized over ragged groups."""
+semantic-entropy scaling (docs/math.md §2-§5), vectorized over ragged groups."""
 
 from __future__ import annotations
 

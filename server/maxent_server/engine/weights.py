@@ -1,5 +1,5 @@
 """MaxEnt sequence weights in closed form and their entropy diagnostics
-(SPEC.md §6), vectorized over ragged groups."""
+(docs/math.md §6), vectorized over ragged groups."""
 
 from __future__ import annotations
 

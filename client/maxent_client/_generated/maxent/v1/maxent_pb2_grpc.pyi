@@ -6,7 +6,7 @@ The MaxEnt-GRPO reward-and-weighting service.
 Trainers send batches of grouped completions and get back rewards, GRPO
 advantages, the listwise target q and MaxEnt sequence weights. Each run's
 controller (tau, beta and their history) lives in the server, so every job
-that names a run shares one controller. The numbers follow SPEC.md.
+that names a run shares one controller. The numbers follow docs/math.md.
 
 Conventions:
 * Per-completion arrays are flattened in group order; `group_sizes` gives
