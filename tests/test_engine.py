@@ -12,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -796,3 +797,16 @@ def test_dense_and_ragged_layouts_agree(groups, k, data, scale, temperature, by_
     assert ragged_w.group_entropies[-1] == 0.0
     for name in ("weight_entropy", "weight_entropy_min", "weight_entropy_max"):
         assert getattr(dense_w, name) == pytest.approx(getattr(ragged_w, name), rel=1e-12, abs=1e-15)
+
+
+def test_results_leave_a_device_in_one_copy_with_the_same_numbers():
+    """Off the CPU the float64 results are packed into one transfer; the
+    unpacking must give each array back whole and in order."""
+    engine = Engine(device="cpu")
+    tensors = (torch.arange(6, dtype=torch.float64).reshape(2, 3), None, torch.tensor([True, False]),
+               torch.zeros(0, dtype=torch.float64), torch.tensor([7.5], dtype=torch.float64))
+    plain = engine._host(*tensors)
+    engine.device = torch.device("cuda")  # only the path choice; the tensors stay where they are
+    packed = engine._host(*tensors)
+    assert [None if a is None else a.tolist() for a in packed] == [None if a is None else a.tolist() for a in plain]
+    assert packed[2].dtype == np.bool_ and packed[0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

@@ -118,6 +118,16 @@ class Engine:
     def _numpy(tensor: torch.Tensor) -> np.ndarray:
         return tensor.detach().reshape(-1).to("cpu").numpy()
 
+    def _host(self, *tensors: torch.Tensor | None) -> list[np.ndarray | None]:
+        """Tensors as flat numpy arrays. Off the CPU, the float64 ones travel
+        to the host in one copy (one sync) rather than one each."""
+        if self.device.type == "cpu":
+            return [None if t is None else self._numpy(t) for t in tensors]
+        floats = [t.reshape(-1) for t in tensors if t is not None and t.dtype == self.dtype]
+        packed = iter(np.split(self._numpy(torch.cat(floats)), np.cumsum([t.numel() for t in floats])[:-1])
+                      if floats else [])
+        return [None if t is None else next(packed) if t.dtype == self.dtype else self._numpy(t) for t in tensors]
+
     def reward_statistics(
         self,
         group_sizes: np.ndarray,
@@ -136,6 +146,11 @@ class Engine:
         failed reward; advantage 0, q 0, left out of every statistic).
         """
         seg = Segments.from_sizes(group_sizes, self.device)
+        rewards = self._reward_tensors(seg, utilities, options, valid, token_counts, truncated, gen_logp_sum, answers)
+        return self._reward_result(rewards)
+
+    def _reward_tensors(self, seg: Segments, utilities, options: RewardOptions, valid=None, token_counts=None,
+                        truncated=None, gen_logp_sum=None, answers=None) -> "_RewardTensors":
         u = self._per_completion(seg, utilities)
         keep = self._per_completion(seg, valid, torch.bool) if valid is not None and not valid.all() else None
         counts = self._per_completion(seg, token_counts, torch.int64)
@@ -158,15 +173,21 @@ class Engine:
             assert gen_logp_sum is not None and answers is not None
             entropies, scales = seed_advantage_scales(seg, answers, self._tensor(gen_logp_sum), counts, options.seed_grpo)
             advantages = advantages * seg.broadcast(scales)
+        return _RewardTensors(u, advantages, q, mean, std, entropies, scales, zero_variance_groups(seg, u, keep))
+
+    def _reward_result(self, t: "_RewardTensors", *arrays: np.ndarray | None) -> RewardStatistics:
+        """`arrays`: t's tensors already on the host, in field order (else copied here)."""
+        u, advantages, q, entropies, scales, flat = arrays or self._host(
+            t.utilities, t.advantages, t.q, t.entropies, t.scales, t.zero_variance)
         return RewardStatistics(
-            total_utils=self._numpy(u),
-            advantages=self._numpy(advantages),
-            q_values=self._numpy(q),
-            reward_mean=mean,
-            reward_std=std,
-            seed_semantic_entropies=None if entropies is None else self._numpy(entropies),
-            seed_advantage_scales=None if scales is None else self._numpy(scales),
-            zero_variance_groups=self._numpy(zero_variance_groups(seg, u, keep)),
+            total_utils=u,
+            advantages=advantages,
+            q_values=q,
+            reward_mean=t.mean,
+            reward_std=t.std,
+            seed_semantic_entropies=entropies,
+            seed_advantage_scales=scales,
+            zero_variance_groups=flat,
         )
 
     def step_statistics(
@@ -177,16 +198,22 @@ class Engine:
         ref_logp_sum: np.ndarray | None,
         ref_token_counts: np.ndarray | None,
         weight_options: WeightOptions,
-        **reward_inputs,
+        *,
+        valid: np.ndarray | None = None,
+        token_counts: np.ndarray | None = None,
+        truncated: np.ndarray | None = None,
+        gen_logp_sum: np.ndarray | None = None,
+        answers: list[str | None] | None = None,
     ) -> tuple[RewardStatistics, WeightStats]:
         """One training step's numbers: reward statistics, then the weights of
-        their q (or, under the GRPO objective, of their advantages)."""
-        rewards = self.reward_statistics(group_sizes, utilities, reward_options, **reward_inputs)
-        weights = self.weight_stats(
-            group_sizes, rewards.q_values, ref_logp_sum, ref_token_counts, weight_options,
-            advantages=rewards.advantages,
-        )
-        return rewards, weights
+        their q (or, under the GRPO objective, of their advantages). q stays
+        on the device in between, and the results come back in one copy."""
+        seg = Segments.from_sizes(group_sizes, self.device)
+        r = self._reward_tensors(seg, utilities, reward_options, valid, token_counts, truncated, gen_logp_sum, answers)
+        w = self._weight_tensors(seg, r.q, ref_logp_sum, ref_token_counts, weight_options, r.advantages)
+        host = self._host(r.utilities, r.advantages, r.q, r.entropies, r.scales, r.zero_variance,
+                          w[0], w[1].group_entropies, w[1].advantage_entropy)
+        return self._reward_result(r, *host[:6]), self._weight_result(w[1], *host[6:])
 
     def weight_stats(
         self,
@@ -200,39 +227,63 @@ class Engine:
     ) -> WeightStats:
         """MaxEnt weights and entropy diagnostics (docs/math.md §6)."""
         seg = Segments.from_sizes(group_sizes, self.device)
+        q = None if options.train_grpo_objective else self._per_completion(seg, q_values)
+        a = self._per_completion(seg, advantages) if options.train_grpo_objective else None
+        w, summary = self._weight_tensors(seg, q, ref_logp_sum, ref_token_counts, options, a)
+        return self._weight_result(summary, *self._host(w, summary.group_entropies, summary.advantage_entropy))
+
+    def _weight_tensors(self, seg: Segments, q: torch.Tensor | None, ref_logp_sum, ref_token_counts,
+                        options: WeightOptions, advantages: torch.Tensor | None):
+        """(weights, entropy summary) as tensors."""
         if options.train_grpo_objective:
             assert advantages is not None
-            w = self._per_completion(seg, advantages)
-            summary = zero_entropy_summary(seg, w)
-        else:
-            counts = (
-                self._per_completion(seg, ref_token_counts, torch.int64)
-                if ref_token_counts is not None
-                else torch.ones(seg.shape, dtype=torch.int64, device=self.device)
-            )
-            ref = (
-                self._per_completion(seg, ref_logp_sum)
-                if ref_logp_sum is not None
-                else torch.zeros(seg.shape, dtype=self.dtype, device=self.device)
-            )
-            if options.length_normalize_ref:
-                ref = ref / counts.clamp(min=1)  # int64 counts promote to float64 exactly
-            w = maxent_weights(
-                seg,
-                self._per_completion(seg, q_values),
-                ref,
-                counts,
-                beta=options.beta,
-                denominator=options.denominator_value,
-                include_reference_term=options.include_reference_term,
-                normalize_by_tokens=options.normalize_by_tokens,
-            )
-            summary = entropy_summary(seg, w)
+            return advantages, zero_entropy_summary(seg, advantages)
+        counts = (
+            self._per_completion(seg, ref_token_counts, torch.int64)
+            if ref_token_counts is not None
+            else torch.ones(seg.shape, dtype=torch.int64, device=self.device)
+        )
+        ref = (
+            self._per_completion(seg, ref_logp_sum)
+            if ref_logp_sum is not None
+            else torch.zeros(seg.shape, dtype=self.dtype, device=self.device)
+        )
+        if options.length_normalize_ref:
+            ref = ref / counts.clamp(min=1)  # int64 counts promote to float64 exactly
+        w = maxent_weights(
+            seg,
+            q,
+            ref,
+            counts,
+            beta=options.beta,
+            denominator=options.denominator_value,
+            include_reference_term=options.include_reference_term,
+            normalize_by_tokens=options.normalize_by_tokens,
+        )
+        return w, entropy_summary(seg, w)
+
+    @staticmethod
+    def _weight_result(summary, weights: np.ndarray, group_entropies: np.ndarray,
+                       advantage_entropy: np.ndarray) -> WeightStats:
         return WeightStats(
-            weights=self._numpy(w),
-            group_entropies=self._numpy(summary.group_entropies),
+            weights=weights,
+            group_entropies=group_entropies,
             weight_entropy=summary.mean,
             weight_entropy_min=summary.min,
             weight_entropy_max=summary.max,
-            advantage_entropy=self._numpy(summary.advantage_entropy),
+            advantage_entropy=advantage_entropy,
         )
+
+
+@dataclass(frozen=True)
+class _RewardTensors:
+    """Reward statistics still on the device."""
+
+    utilities: torch.Tensor
+    advantages: torch.Tensor
+    q: torch.Tensor
+    mean: float
+    std: float
+    entropies: torch.Tensor | None
+    scales: torch.Tensor | None
+    zero_variance: torch.Tensor
