@@ -203,8 +203,8 @@ def decode(message_class: Any, data: bytes) -> Decoded:
         return Decoded(message, {})
     message = message_class.FromString(b"".join(rest))
     arrays = {}
-    for number, (name, dtype) in fields.items():
-        parts = chunks.get(number, ())
+    for number, parts in chunks.items():  # absent fields read as the message's empty ones
+        name, dtype = fields[number]
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
         if dtype is np.float64:  # one copy: the arrays are the caller's to change
             arrays[name] = np.frombuffer(payload, dtype="<f8").astype(np.float64, copy=True)

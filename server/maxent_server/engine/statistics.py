@@ -94,6 +94,9 @@ def zero_variance_groups(seg: Segments, utilities: torch.Tensor, valid: torch.Te
     """Per group: True when its (valid) utilities are all equal (max - min <=
     1e-8), fewer than two of them included: nothing to learn from, what
     DAPO-style dynamic sampling drops."""
+    if valid is None and seg.width:
+        low, high = torch.aminmax(utilities, dim=-1)
+        return (high - low) <= CONSTANT_TOLERANCE
     if valid is None:
         high, low = seg.max(utilities), -seg.max(-utilities)
         count = seg.sizes
