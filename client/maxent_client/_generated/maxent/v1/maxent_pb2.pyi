@@ -153,6 +153,36 @@ ADVANTAGE_BASELINE_LEAVE_ONE_OUT: AdvantageBaseline.ValueType  # 2
 """
 Global___AdvantageBaseline: _TypeAlias = AdvantageBaseline  # noqa: Y015
 
+class _EntropyScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EntropyScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntropyScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENTROPY_SCOPE_UNSPECIFIED: _EntropyScope.ValueType  # 0
+    """Not set: the same as ENTROPY_SCOPE_ALL_GROUPS."""
+    ENTROPY_SCOPE_ALL_GROUPS: _EntropyScope.ValueType  # 1
+    """The mean weight entropy over every non-empty group."""
+    ENTROPY_SCOPE_MIXED_GROUPS: _EntropyScope.ValueType  # 2
+    """The mean over groups whose q is not constant. A group whose rewards are
+    all equal has uniform weights whatever tau is (with beta = 0), so it
+    measures nothing tau can change.
+    """
+
+class EntropyScope(_EntropyScope, metaclass=_EntropyScopeEnumTypeWrapper):
+    """Which groups' weight entropy measures what tau controls."""
+
+ENTROPY_SCOPE_UNSPECIFIED: EntropyScope.ValueType  # 0
+"""Not set: the same as ENTROPY_SCOPE_ALL_GROUPS."""
+ENTROPY_SCOPE_ALL_GROUPS: EntropyScope.ValueType  # 1
+"""The mean weight entropy over every non-empty group."""
+ENTROPY_SCOPE_MIXED_GROUPS: EntropyScope.ValueType  # 2
+"""The mean over groups whose q is not constant. A group whose rewards are
+all equal has uniform weights whatever tau is (with beta = 0), so it
+measures nothing tau can change.
+"""
+Global___EntropyScope: _TypeAlias = EntropyScope  # noqa: Y015
+
 @_typing.final
 class WeightingConfig(_message.Message):
     """A run's weighting and controller configuration. Fixed when the run is
@@ -186,6 +216,9 @@ class WeightingConfig(_message.Message):
     META_BETA_GRAD_CLIP_FIELD_NUMBER: _builtins.int
     ADVANTAGE_SCALING_FIELD_NUMBER: _builtins.int
     ADVANTAGE_BASELINE_FIELD_NUMBER: _builtins.int
+    REPORTERS_PER_STEP_FIELD_NUMBER: _builtins.int
+    ENTROPY_SCOPE_FIELD_NUMBER: _builtins.int
+    TARGET_ENTROPY_RATIO_FIELD_NUMBER: _builtins.int
     tau: _builtins.float
     """Initial entropy temperature tau (>= 0). Default 0."""
     beta: _builtins.float
@@ -259,6 +292,19 @@ class WeightingConfig(_message.Message):
     """Scaling of GRPO advantages. Default: from scale_rewards, else GROUP."""
     advantage_baseline: Global___AdvantageBaseline.ValueType
     """Baseline of GRPO advantages. Default: GROUP_MEAN."""
+    reporters_per_step: _builtins.int
+    """Reports expected per training step (R >= 1; 0 means 1). With R > 1 the
+    reports of one step are pooled and the controller steps once per step.
+    """
+    entropy_scope: Global___EntropyScope.ValueType
+    """Which weight entropy drives tau (what trainers send as weight_entropy).
+    Default: ENTROPY_SCOPE_ALL_GROUPS.
+    """
+    target_entropy_ratio: _builtins.float
+    """Target entropy as a fraction (0, 1] of the batch's maximum possible
+    weight entropy (UpdateControllerRequest.max_weight_entropy). Exclusive
+    with the absolute targets. Default: unset.
+    """
     def __init__(
         self,
         *,
@@ -287,10 +333,13 @@ class WeightingConfig(_message.Message):
         meta_beta_grad_clip: _builtins.float = ...,
         advantage_scaling: Global___AdvantageScaling.ValueType = ...,
         advantage_baseline: Global___AdvantageBaseline.ValueType = ...,
+        reporters_per_step: _builtins.int = ...,
+        entropy_scope: Global___EntropyScope.ValueType = ...,
+        target_entropy_ratio: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_length_normalize_ref", b"_length_normalize_ref", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_target_entropy", b"_target_entropy", "_target_entropy_final", b"_target_entropy_final", "_target_entropy_start", b"_target_entropy_start", "length_normalize_ref", b"length_normalize_ref", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "scale_rewards", b"scale_rewards", "target_entropy", b"target_entropy", "target_entropy_final", b"target_entropy_final", "target_entropy_start", b"target_entropy_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_length_normalize_ref", b"_length_normalize_ref", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_target_entropy", b"_target_entropy", "_target_entropy_final", b"_target_entropy_final", "_target_entropy_ratio", b"_target_entropy_ratio", "_target_entropy_start", b"_target_entropy_start", "length_normalize_ref", b"length_normalize_ref", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "scale_rewards", b"scale_rewards", "target_entropy", b"target_entropy", "target_entropy_final", b"target_entropy_final", "target_entropy_ratio", b"target_entropy_ratio", "target_entropy_start", b"target_entropy_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_length_normalize_ref", b"_length_normalize_ref", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_target_entropy", b"_target_entropy", "_target_entropy_final", b"_target_entropy_final", "_target_entropy_start", b"_target_entropy_start", "advantage_baseline", b"advantage_baseline", "advantage_scaling", b"advantage_scaling", "beta", b"beta", "denominator", b"denominator", "kl_horizon", b"kl_horizon", "kl_step_size", b"kl_step_size", "kl_target", b"kl_target", "length_normalize_ref", b"length_normalize_ref", "meta_beta_grad_clip", b"meta_beta_grad_clip", "meta_beta_lr", b"meta_beta_lr", "meta_enabled", b"meta_enabled", "meta_tau_lr", b"meta_tau_lr", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "scale_rewards", b"scale_rewards", "target_entropy", b"target_entropy", "target_entropy_final", b"target_entropy_final", "target_entropy_horizon", b"target_entropy_horizon", "target_entropy_start", b"target_entropy_start", "tau", b"tau", "tau_lr", b"tau_lr", "tau_max", b"tau_max", "tau_min", b"tau_min", "tau_warmup_steps", b"tau_warmup_steps", "train_grpo_objective", b"train_grpo_objective"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_length_normalize_ref", b"_length_normalize_ref", "_q_epsilon", b"_q_epsilon", "_q_temperature", b"_q_temperature", "_scale_rewards", b"_scale_rewards", "_target_entropy", b"_target_entropy", "_target_entropy_final", b"_target_entropy_final", "_target_entropy_ratio", b"_target_entropy_ratio", "_target_entropy_start", b"_target_entropy_start", "advantage_baseline", b"advantage_baseline", "advantage_scaling", b"advantage_scaling", "beta", b"beta", "denominator", b"denominator", "entropy_scope", b"entropy_scope", "kl_horizon", b"kl_horizon", "kl_step_size", b"kl_step_size", "kl_target", b"kl_target", "length_normalize_ref", b"length_normalize_ref", "meta_beta_grad_clip", b"meta_beta_grad_clip", "meta_beta_lr", b"meta_beta_lr", "meta_enabled", b"meta_enabled", "meta_tau_lr", b"meta_tau_lr", "q_epsilon", b"q_epsilon", "q_temperature", b"q_temperature", "reporters_per_step", b"reporters_per_step", "scale_rewards", b"scale_rewards", "target_entropy", b"target_entropy", "target_entropy_final", b"target_entropy_final", "target_entropy_horizon", b"target_entropy_horizon", "target_entropy_ratio", b"target_entropy_ratio", "target_entropy_start", b"target_entropy_start", "tau", b"tau", "tau_lr", b"tau_lr", "tau_max", b"tau_max", "tau_min", b"tau_min", "tau_warmup_steps", b"tau_warmup_steps", "train_grpo_objective", b"train_grpo_objective"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__length_normalize_ref: _TypeAlias = _typing.Literal["length_normalize_ref"]  # noqa: Y015
     _WhichOneofArgType__length_normalize_ref: _TypeAlias = _typing.Literal["_length_normalize_ref", b"_length_normalize_ref"]  # noqa: Y015
@@ -304,6 +353,8 @@ class WeightingConfig(_message.Message):
     _WhichOneofArgType__target_entropy: _TypeAlias = _typing.Literal["_target_entropy", b"_target_entropy"]  # noqa: Y015
     _WhichOneofReturnType__target_entropy_final: _TypeAlias = _typing.Literal["target_entropy_final"]  # noqa: Y015
     _WhichOneofArgType__target_entropy_final: _TypeAlias = _typing.Literal["_target_entropy_final", b"_target_entropy_final"]  # noqa: Y015
+    _WhichOneofReturnType__target_entropy_ratio: _TypeAlias = _typing.Literal["target_entropy_ratio"]  # noqa: Y015
+    _WhichOneofArgType__target_entropy_ratio: _TypeAlias = _typing.Literal["_target_entropy_ratio", b"_target_entropy_ratio"]  # noqa: Y015
     _WhichOneofReturnType__target_entropy_start: _TypeAlias = _typing.Literal["target_entropy_start"]  # noqa: Y015
     _WhichOneofArgType__target_entropy_start: _TypeAlias = _typing.Literal["_target_entropy_start", b"_target_entropy_start"]  # noqa: Y015
     @_typing.overload
@@ -318,6 +369,8 @@ class WeightingConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__target_entropy) -> _WhichOneofReturnType__target_entropy | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__target_entropy_final) -> _WhichOneofReturnType__target_entropy_final | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_entropy_ratio) -> _WhichOneofReturnType__target_entropy_ratio | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__target_entropy_start) -> _WhichOneofReturnType__target_entropy_start | None: ...
 
@@ -340,6 +393,11 @@ class ControllerState(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     LAST_WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
     LAST_MEASURED_KL_FIELD_NUMBER: _builtins.int
+    TARGET_UNREACHABLE_FIELD_NUMBER: _builtins.int
+    TAU_BOUND_STEPS_FIELD_NUMBER: _builtins.int
+    LAST_MAX_WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
+    PENDING_STEP_FIELD_NUMBER: _builtins.int
+    PENDING_REPORTERS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run this state belongs to."""
     tau: _builtins.float
@@ -362,9 +420,23 @@ class ControllerState(_message.Message):
     """Weight entropy sent with the last update that carried one (nats)."""
     last_measured_kl: _builtins.float
     """KL sent with the last update that carried one (nats)."""
+    target_unreachable: _builtins.bool
+    """True when the active target entropy is above the batch's maximum
+    possible weight entropy last reported: tau cannot reach it.
+    """
+    tau_bound_steps: _builtins.int
+    """Consecutive applied steps that left tau at tau_min or tau_max."""
+    last_max_weight_entropy: _builtins.float
+    """Maximum possible weight entropy last reported (nats); unset until one is."""
+    pending_step: _builtins.int
+    """A pooled run's step whose reports are being collected (0: none)."""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the state last changed (creation or accepted update)."""
+
+    @_builtins.property
+    def pending_reporters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Reporters that have reported pending_step so far."""
 
     def __init__(
         self,
@@ -380,15 +452,22 @@ class ControllerState(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         last_weight_entropy: _builtins.float | None = ...,
         last_measured_kl: _builtins.float | None = ...,
+        target_unreachable: _builtins.bool = ...,
+        tau_bound_steps: _builtins.int = ...,
+        last_max_weight_entropy: _builtins.float | None = ...,
+        pending_step: _builtins.int = ...,
+        pending_reporters: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_active_target_entropy", b"_active_target_entropy", "_entropy_ema", b"_entropy_ema", "_last_measured_kl", b"_last_measured_kl", "_last_weight_entropy", b"_last_weight_entropy", "active_target_entropy", b"active_target_entropy", "entropy_ema", b"entropy_ema", "last_measured_kl", b"last_measured_kl", "last_weight_entropy", b"last_weight_entropy", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_active_target_entropy", b"_active_target_entropy", "_entropy_ema", b"_entropy_ema", "_last_max_weight_entropy", b"_last_max_weight_entropy", "_last_measured_kl", b"_last_measured_kl", "_last_weight_entropy", b"_last_weight_entropy", "active_target_entropy", b"active_target_entropy", "entropy_ema", b"entropy_ema", "last_max_weight_entropy", b"last_max_weight_entropy", "last_measured_kl", b"last_measured_kl", "last_weight_entropy", b"last_weight_entropy", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active_target_entropy", b"_active_target_entropy", "_entropy_ema", b"_entropy_ema", "_last_measured_kl", b"_last_measured_kl", "_last_weight_entropy", b"_last_weight_entropy", "active_target_entropy", b"active_target_entropy", "beta", b"beta", "entropy_ema", b"entropy_ema", "global_step", b"global_step", "last_measured_kl", b"last_measured_kl", "last_weight_entropy", b"last_weight_entropy", "run_id", b"run_id", "tau", b"tau", "tau_log", b"tau_log", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active_target_entropy", b"_active_target_entropy", "_entropy_ema", b"_entropy_ema", "_last_max_weight_entropy", b"_last_max_weight_entropy", "_last_measured_kl", b"_last_measured_kl", "_last_weight_entropy", b"_last_weight_entropy", "active_target_entropy", b"active_target_entropy", "beta", b"beta", "entropy_ema", b"entropy_ema", "global_step", b"global_step", "last_max_weight_entropy", b"last_max_weight_entropy", "last_measured_kl", b"last_measured_kl", "last_weight_entropy", b"last_weight_entropy", "pending_reporters", b"pending_reporters", "pending_step", b"pending_step", "run_id", b"run_id", "target_unreachable", b"target_unreachable", "tau", b"tau", "tau_bound_steps", b"tau_bound_steps", "tau_log", b"tau_log", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__active_target_entropy: _TypeAlias = _typing.Literal["active_target_entropy"]  # noqa: Y015
     _WhichOneofArgType__active_target_entropy: _TypeAlias = _typing.Literal["_active_target_entropy", b"_active_target_entropy"]  # noqa: Y015
     _WhichOneofReturnType__entropy_ema: _TypeAlias = _typing.Literal["entropy_ema"]  # noqa: Y015
     _WhichOneofArgType__entropy_ema: _TypeAlias = _typing.Literal["_entropy_ema", b"_entropy_ema"]  # noqa: Y015
+    _WhichOneofReturnType__last_max_weight_entropy: _TypeAlias = _typing.Literal["last_max_weight_entropy"]  # noqa: Y015
+    _WhichOneofArgType__last_max_weight_entropy: _TypeAlias = _typing.Literal["_last_max_weight_entropy", b"_last_max_weight_entropy"]  # noqa: Y015
     _WhichOneofReturnType__last_measured_kl: _TypeAlias = _typing.Literal["last_measured_kl"]  # noqa: Y015
     _WhichOneofArgType__last_measured_kl: _TypeAlias = _typing.Literal["_last_measured_kl", b"_last_measured_kl"]  # noqa: Y015
     _WhichOneofReturnType__last_weight_entropy: _TypeAlias = _typing.Literal["last_weight_entropy"]  # noqa: Y015
@@ -397,6 +476,8 @@ class ControllerState(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__active_target_entropy) -> _WhichOneofReturnType__active_target_entropy | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__entropy_ema) -> _WhichOneofReturnType__entropy_ema | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__last_max_weight_entropy) -> _WhichOneofReturnType__last_max_weight_entropy | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__last_measured_kl) -> _WhichOneofReturnType__last_measured_kl | None: ...
     @_typing.overload
@@ -452,21 +533,31 @@ class CreateRunRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    INITIAL_STATE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Id of the new run (1 to 128 characters from letters, digits and `._-:/`)."""
     @_builtins.property
     def config(self) -> Global___WeightingConfig:
         """Its configuration; unset means all defaults."""
 
+    @_builtins.property
+    def initial_state(self) -> Global___ControllerState:
+        """Import: start from this controller state (tau, beta, tau_log,
+        entropy_ema, global_step, version and the rest) instead of a fresh one,
+        so the run continues exactly where an exported one stopped. Its run_id
+        and update_time are ignored. Default: a fresh controller.
+        """
+
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         config: Global___WeightingConfig | None = ...,
+        initial_state: Global___ControllerState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "initial_state", b"initial_state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "initial_state", b"initial_state", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1077,6 +1168,11 @@ class ComputeWeightStatsResponse(_message.Message):
     BETA_FIELD_NUMBER: _builtins.int
     CONTROLLER_VERSION_FIELD_NUMBER: _builtins.int
     GROUP_WEIGHT_ENTROPIES_FIELD_NUMBER: _builtins.int
+    MAX_WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
+    MIXED_WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
+    MIXED_GROUP_COUNT_FIELD_NUMBER: _builtins.int
+    CONTROLLER_WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
+    CONTROLLER_MAX_WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
     weight_entropy: _builtins.float
     """Mean weight entropy over non-empty groups (nats)."""
     weight_entropy_min: _builtins.float
@@ -1089,6 +1185,24 @@ class ComputeWeightStatsResponse(_message.Message):
     """Beta used for these weights."""
     controller_version: _builtins.int
     """Controller version the tau and beta were read at."""
+    max_weight_entropy: _builtins.float
+    """Maximum possible weight entropy of the batch: the mean of log K_g over
+    non-empty groups (nats).
+    """
+    mixed_weight_entropy: _builtins.float
+    """Mean weight entropy over the groups whose q is not constant (max - min
+    > 1e-8); unset when there are none.
+    """
+    mixed_group_count: _builtins.int
+    """Number of those groups."""
+    controller_weight_entropy: _builtins.float
+    """The entropy the run's entropy_scope selects: what a trainer sends as
+    UpdateControllerRequest.weight_entropy. Unset when the scope has no group.
+    """
+    controller_max_weight_entropy: _builtins.float
+    """The maximum possible entropy over the groups of that scope (nats): what a
+    trainer sends as UpdateControllerRequest.max_weight_entropy.
+    """
     @_builtins.property
     def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Weight per completion; sums to 1 within each group (advantages under the
@@ -1115,12 +1229,24 @@ class ComputeWeightStatsResponse(_message.Message):
         beta: _builtins.float = ...,
         controller_version: _builtins.int = ...,
         group_weight_entropies: _abc.Iterable[_builtins.float] | None = ...,
+        max_weight_entropy: _builtins.float = ...,
+        mixed_weight_entropy: _builtins.float | None = ...,
+        mixed_group_count: _builtins.int = ...,
+        controller_weight_entropy: _builtins.float | None = ...,
+        controller_max_weight_entropy: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_controller_weight_entropy", b"_controller_weight_entropy", "_mixed_weight_entropy", b"_mixed_weight_entropy", "controller_weight_entropy", b"controller_weight_entropy", "mixed_weight_entropy", b"mixed_weight_entropy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advantage_entropy", b"advantage_entropy", "beta", b"beta", "controller_version", b"controller_version", "group_weight_entropies", b"group_weight_entropies", "tau", b"tau", "weight_entropy", b"weight_entropy", "weight_entropy_max", b"weight_entropy_max", "weight_entropy_min", b"weight_entropy_min", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_controller_weight_entropy", b"_controller_weight_entropy", "_mixed_weight_entropy", b"_mixed_weight_entropy", "advantage_entropy", b"advantage_entropy", "beta", b"beta", "controller_max_weight_entropy", b"controller_max_weight_entropy", "controller_version", b"controller_version", "controller_weight_entropy", b"controller_weight_entropy", "group_weight_entropies", b"group_weight_entropies", "max_weight_entropy", b"max_weight_entropy", "mixed_group_count", b"mixed_group_count", "mixed_weight_entropy", b"mixed_weight_entropy", "tau", b"tau", "weight_entropy", b"weight_entropy", "weight_entropy_max", b"weight_entropy_max", "weight_entropy_min", b"weight_entropy_min", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__controller_weight_entropy: _TypeAlias = _typing.Literal["controller_weight_entropy"]  # noqa: Y015
+    _WhichOneofArgType__controller_weight_entropy: _TypeAlias = _typing.Literal["_controller_weight_entropy", b"_controller_weight_entropy"]  # noqa: Y015
+    _WhichOneofReturnType__mixed_weight_entropy: _TypeAlias = _typing.Literal["mixed_weight_entropy"]  # noqa: Y015
+    _WhichOneofArgType__mixed_weight_entropy: _TypeAlias = _typing.Literal["_mixed_weight_entropy", b"_mixed_weight_entropy"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__controller_weight_entropy) -> _WhichOneofReturnType__controller_weight_entropy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mixed_weight_entropy) -> _WhichOneofReturnType__mixed_weight_entropy | None: ...
 
 Global___ComputeWeightStatsResponse: _TypeAlias = ComputeWeightStatsResponse  # noqa: Y015
 
@@ -1139,6 +1265,9 @@ class UpdateControllerRequest(_message.Message):
     BETA_GRAD_FIELD_NUMBER: _builtins.int
     LR_SCALE_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    REPORTER_ID_FIELD_NUMBER: _builtins.int
+    SAMPLE_COUNT_FIELD_NUMBER: _builtins.int
+    MAX_WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Run to update."""
     request_id: _builtins.str
@@ -1159,6 +1288,20 @@ class UpdateControllerRequest(_message.Message):
     """Multiplier of tau_lr and the meta learning rates (>= 0). Default 1."""
     expected_version: _builtins.int
     """Apply only if the run's version equals this; otherwise ABORTED."""
+    reporter_id: _builtins.str
+    """Who reports (e.g. the job's name), at most 128 characters. Reports that
+    name a reporter are never applied for a step at or below the last
+    applied one (`stale`). Default: unnamed.
+    """
+    sample_count: _builtins.float
+    """Samples behind this report's measurements (> 0): the weight of its
+    entropy and KL when reports of one step are pooled. Default 1.
+    """
+    max_weight_entropy: _builtins.float
+    """The batch's maximum possible weight entropy (nats; the mean of log K_g,
+    as ComputeWeightStats returns it). Needed by target_entropy_ratio runs;
+    flags target_unreachable. Default: unset.
+    """
     def __init__(
         self,
         *,
@@ -1171,10 +1314,13 @@ class UpdateControllerRequest(_message.Message):
         beta_grad: _builtins.float | None = ...,
         lr_scale: _builtins.float | None = ...,
         expected_version: _builtins.int | None = ...,
+        reporter_id: _builtins.str = ...,
+        sample_count: _builtins.float | None = ...,
+        max_weight_entropy: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_beta_grad", b"_beta_grad", "_expected_version", b"_expected_version", "_lr_scale", b"_lr_scale", "_measured_kl", b"_measured_kl", "_tau_grad", b"_tau_grad", "_weight_entropy", b"_weight_entropy", "beta_grad", b"beta_grad", "expected_version", b"expected_version", "lr_scale", b"lr_scale", "measured_kl", b"measured_kl", "tau_grad", b"tau_grad", "weight_entropy", b"weight_entropy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_beta_grad", b"_beta_grad", "_expected_version", b"_expected_version", "_lr_scale", b"_lr_scale", "_max_weight_entropy", b"_max_weight_entropy", "_measured_kl", b"_measured_kl", "_sample_count", b"_sample_count", "_tau_grad", b"_tau_grad", "_weight_entropy", b"_weight_entropy", "beta_grad", b"beta_grad", "expected_version", b"expected_version", "lr_scale", b"lr_scale", "max_weight_entropy", b"max_weight_entropy", "measured_kl", b"measured_kl", "sample_count", b"sample_count", "tau_grad", b"tau_grad", "weight_entropy", b"weight_entropy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta_grad", b"_beta_grad", "_expected_version", b"_expected_version", "_lr_scale", b"_lr_scale", "_measured_kl", b"_measured_kl", "_tau_grad", b"_tau_grad", "_weight_entropy", b"_weight_entropy", "beta_grad", b"beta_grad", "expected_version", b"expected_version", "global_step", b"global_step", "lr_scale", b"lr_scale", "measured_kl", b"measured_kl", "request_id", b"request_id", "run_id", b"run_id", "tau_grad", b"tau_grad", "weight_entropy", b"weight_entropy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta_grad", b"_beta_grad", "_expected_version", b"_expected_version", "_lr_scale", b"_lr_scale", "_max_weight_entropy", b"_max_weight_entropy", "_measured_kl", b"_measured_kl", "_sample_count", b"_sample_count", "_tau_grad", b"_tau_grad", "_weight_entropy", b"_weight_entropy", "beta_grad", b"beta_grad", "expected_version", b"expected_version", "global_step", b"global_step", "lr_scale", b"lr_scale", "max_weight_entropy", b"max_weight_entropy", "measured_kl", b"measured_kl", "reporter_id", b"reporter_id", "request_id", b"request_id", "run_id", b"run_id", "sample_count", b"sample_count", "tau_grad", b"tau_grad", "weight_entropy", b"weight_entropy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__beta_grad: _TypeAlias = _typing.Literal["beta_grad"]  # noqa: Y015
     _WhichOneofArgType__beta_grad: _TypeAlias = _typing.Literal["_beta_grad", b"_beta_grad"]  # noqa: Y015
@@ -1182,8 +1328,12 @@ class UpdateControllerRequest(_message.Message):
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
     _WhichOneofReturnType__lr_scale: _TypeAlias = _typing.Literal["lr_scale"]  # noqa: Y015
     _WhichOneofArgType__lr_scale: _TypeAlias = _typing.Literal["_lr_scale", b"_lr_scale"]  # noqa: Y015
+    _WhichOneofReturnType__max_weight_entropy: _TypeAlias = _typing.Literal["max_weight_entropy"]  # noqa: Y015
+    _WhichOneofArgType__max_weight_entropy: _TypeAlias = _typing.Literal["_max_weight_entropy", b"_max_weight_entropy"]  # noqa: Y015
     _WhichOneofReturnType__measured_kl: _TypeAlias = _typing.Literal["measured_kl"]  # noqa: Y015
     _WhichOneofArgType__measured_kl: _TypeAlias = _typing.Literal["_measured_kl", b"_measured_kl"]  # noqa: Y015
+    _WhichOneofReturnType__sample_count: _TypeAlias = _typing.Literal["sample_count"]  # noqa: Y015
+    _WhichOneofArgType__sample_count: _TypeAlias = _typing.Literal["_sample_count", b"_sample_count"]  # noqa: Y015
     _WhichOneofReturnType__tau_grad: _TypeAlias = _typing.Literal["tau_grad"]  # noqa: Y015
     _WhichOneofArgType__tau_grad: _TypeAlias = _typing.Literal["_tau_grad", b"_tau_grad"]  # noqa: Y015
     _WhichOneofReturnType__weight_entropy: _TypeAlias = _typing.Literal["weight_entropy"]  # noqa: Y015
@@ -1195,7 +1345,11 @@ class UpdateControllerRequest(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_scale) -> _WhichOneofReturnType__lr_scale | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_weight_entropy) -> _WhichOneofReturnType__max_weight_entropy | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__measured_kl) -> _WhichOneofReturnType__measured_kl | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sample_count) -> _WhichOneofReturnType__sample_count | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__tau_grad) -> _WhichOneofReturnType__tau_grad | None: ...
     @_typing.overload
@@ -1211,8 +1365,23 @@ class UpdateControllerResponse(_message.Message):
 
     STATE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     """True when request_id had already been applied and nothing changed now."""
+    stale: _builtins.bool
+    """True when the report was for a step at or below the last applied one
+    and changed nothing (pooled runs and named reporters).
+    """
+    applied: _builtins.bool
+    """True when this call applied a controller step (the version rose); false
+    when its report is pooled and the step waits for more reporters.
+    """
+    partial: _builtins.bool
+    """True when the step applied was completed early (a later step's report
+    came first) with fewer reporters than expected.
+    """
     @_builtins.property
     def state(self) -> Global___ControllerState:
         """State after the update (or after the first application of request_id)."""
@@ -1222,14 +1391,76 @@ class UpdateControllerResponse(_message.Message):
         *,
         state: Global___ControllerState | None = ...,
         replayed: _builtins.bool = ...,
+        stale: _builtins.bool = ...,
+        applied: _builtins.bool = ...,
+        partial: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "partial", b"partial", "replayed", b"replayed", "stale", b"stale", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateControllerResponse: _TypeAlias = UpdateControllerResponse  # noqa: Y015
+
+@_typing.final
+class WatchRunRequest(_message.Message):
+    """Request of WatchRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    SINCE_VERSION_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_RUN_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Run to watch."""
+    since_version: _builtins.int
+    """Start after this version: the first message is version since_version + 1
+    when the server still holds it, else the current state. 0 (default):
+    start with the current state.
+    """
+    wait_for_run: _builtins.bool
+    """Wait for a run that does not exist yet instead of NOT_FOUND. Default
+    false.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        since_version: _builtins.int = ...,
+        wait_for_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "since_version", b"since_version", "wait_for_run", b"wait_for_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRunRequest: _TypeAlias = WatchRunRequest  # noqa: Y015
+
+@_typing.final
+class WatchRunResponse(_message.Message):
+    """One message of WatchRun: a controller state, in version order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def state(self) -> Global___ControllerState:
+        """The state at some version."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___ControllerState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRunResponse: _TypeAlias = WatchRunResponse  # noqa: Y015
 
 @_typing.final
 class ListRewardFunctionsRequest(_message.Message):
@@ -1547,6 +1778,11 @@ class ComputeStepStatisticsResponse(_message.Message):
     BETA_FIELD_NUMBER: _builtins.int
     CONTROLLER_VERSION_FIELD_NUMBER: _builtins.int
     GROUP_WEIGHT_ENTROPIES_FIELD_NUMBER: _builtins.int
+    MAX_WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
+    MIXED_WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
+    MIXED_GROUP_COUNT_FIELD_NUMBER: _builtins.int
+    CONTROLLER_WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
+    CONTROLLER_MAX_WEIGHT_ENTROPY_FIELD_NUMBER: _builtins.int
     reward_mean: _builtins.float
     """Mean of the utilities over the whole batch (0 for an empty batch)."""
     reward_std: _builtins.float
@@ -1563,6 +1799,16 @@ class ComputeStepStatisticsResponse(_message.Message):
     """Beta used for these weights."""
     controller_version: _builtins.int
     """Controller version the tau and beta were read at."""
+    max_weight_entropy: _builtins.float
+    """See ComputeWeightStatsResponse.max_weight_entropy."""
+    mixed_weight_entropy: _builtins.float
+    """See ComputeWeightStatsResponse.mixed_weight_entropy."""
+    mixed_group_count: _builtins.int
+    """See ComputeWeightStatsResponse.mixed_group_count."""
+    controller_weight_entropy: _builtins.float
+    """See ComputeWeightStatsResponse.controller_weight_entropy."""
+    controller_max_weight_entropy: _builtins.float
+    """See ComputeWeightStatsResponse.controller_max_weight_entropy."""
     @_builtins.property
     def total_utils(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Utility u_i per completion (after truncation zeroing)."""
@@ -1633,11 +1879,23 @@ class ComputeStepStatisticsResponse(_message.Message):
         beta: _builtins.float = ...,
         controller_version: _builtins.int = ...,
         group_weight_entropies: _abc.Iterable[_builtins.float] | None = ...,
+        max_weight_entropy: _builtins.float = ...,
+        mixed_weight_entropy: _builtins.float | None = ...,
+        mixed_group_count: _builtins.int = ...,
+        controller_weight_entropy: _builtins.float | None = ...,
+        controller_max_weight_entropy: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_controller_weight_entropy", b"_controller_weight_entropy", "_mixed_weight_entropy", b"_mixed_weight_entropy", "controller_weight_entropy", b"controller_weight_entropy", "mixed_weight_entropy", b"mixed_weight_entropy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advantage_entropy", b"advantage_entropy", "advantages", b"advantages", "beta", b"beta", "controller_version", b"controller_version", "failed", b"failed", "group_weight_entropies", b"group_weight_entropies", "per_reward", b"per_reward", "q_values", b"q_values", "reward_mean", b"reward_mean", "reward_std", b"reward_std", "seed_advantage_scales", b"seed_advantage_scales", "seed_semantic_entropies", b"seed_semantic_entropies", "tau", b"tau", "total_utils", b"total_utils", "weight_entropy", b"weight_entropy", "weight_entropy_max", b"weight_entropy_max", "weight_entropy_min", b"weight_entropy_min", "weights", b"weights", "zero_variance_groups", b"zero_variance_groups"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_controller_weight_entropy", b"_controller_weight_entropy", "_mixed_weight_entropy", b"_mixed_weight_entropy", "advantage_entropy", b"advantage_entropy", "advantages", b"advantages", "beta", b"beta", "controller_max_weight_entropy", b"controller_max_weight_entropy", "controller_version", b"controller_version", "controller_weight_entropy", b"controller_weight_entropy", "failed", b"failed", "group_weight_entropies", b"group_weight_entropies", "max_weight_entropy", b"max_weight_entropy", "mixed_group_count", b"mixed_group_count", "mixed_weight_entropy", b"mixed_weight_entropy", "per_reward", b"per_reward", "q_values", b"q_values", "reward_mean", b"reward_mean", "reward_std", b"reward_std", "seed_advantage_scales", b"seed_advantage_scales", "seed_semantic_entropies", b"seed_semantic_entropies", "tau", b"tau", "total_utils", b"total_utils", "weight_entropy", b"weight_entropy", "weight_entropy_max", b"weight_entropy_max", "weight_entropy_min", b"weight_entropy_min", "weights", b"weights", "zero_variance_groups", b"zero_variance_groups"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__controller_weight_entropy: _TypeAlias = _typing.Literal["controller_weight_entropy"]  # noqa: Y015
+    _WhichOneofArgType__controller_weight_entropy: _TypeAlias = _typing.Literal["_controller_weight_entropy", b"_controller_weight_entropy"]  # noqa: Y015
+    _WhichOneofReturnType__mixed_weight_entropy: _TypeAlias = _typing.Literal["mixed_weight_entropy"]  # noqa: Y015
+    _WhichOneofArgType__mixed_weight_entropy: _TypeAlias = _typing.Literal["_mixed_weight_entropy", b"_mixed_weight_entropy"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__controller_weight_entropy) -> _WhichOneofReturnType__controller_weight_entropy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mixed_weight_entropy) -> _WhichOneofReturnType__mixed_weight_entropy | None: ...
 
 Global___ComputeStepStatisticsResponse: _TypeAlias = ComputeStepStatisticsResponse  # noqa: Y015

@@ -80,6 +80,11 @@ class MaxEntServiceStub:
                 request_serializer=maxent_dot_v1_dot_maxent__pb2.ListRewardFunctionsRequest.SerializeToString,
                 response_deserializer=maxent_dot_v1_dot_maxent__pb2.ListRewardFunctionsResponse.FromString,
                 _registered_method=True)
+        self.WatchRun = channel.unary_stream(
+                '/maxent.v1.MaxEntService/WatchRun',
+                request_serializer=maxent_dot_v1_dot_maxent__pb2.WatchRunRequest.SerializeToString,
+                response_deserializer=maxent_dot_v1_dot_maxent__pb2.WatchRunResponse.FromString,
+                _registered_method=True)
 
 
 class MaxEntServiceServicer:
@@ -156,6 +161,15 @@ class MaxEntServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRun(self, request, context):
+        """Streams a run's controller states in version order: first the state at
+        since_version (or the current one), then every later version, none
+        skipped, as updates apply. Ends with NOT_FOUND when the run is deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MaxEntServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +217,11 @@ def add_MaxEntServiceServicer_to_server(servicer, server):
                     servicer.ListRewardFunctions,
                     request_deserializer=maxent_dot_v1_dot_maxent__pb2.ListRewardFunctionsRequest.FromString,
                     response_serializer=maxent_dot_v1_dot_maxent__pb2.ListRewardFunctionsResponse.SerializeToString,
+            ),
+            'WatchRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRun,
+                    request_deserializer=maxent_dot_v1_dot_maxent__pb2.WatchRunRequest.FromString,
+                    response_serializer=maxent_dot_v1_dot_maxent__pb2.WatchRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +468,33 @@ class MaxEntService:
             '/maxent.v1.MaxEntService/ListRewardFunctions',
             maxent_dot_v1_dot_maxent__pb2.ListRewardFunctionsRequest.SerializeToString,
             maxent_dot_v1_dot_maxent__pb2.ListRewardFunctionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/maxent.v1.MaxEntService/WatchRun',
+            maxent_dot_v1_dot_maxent__pb2.WatchRunRequest.SerializeToString,
+            maxent_dot_v1_dot_maxent__pb2.WatchRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,6 +75,11 @@ class MaxEntServiceStub:
     """
     ListRewardFunctions: _grpc.UnaryUnaryMultiCallable[_maxent_pb2.ListRewardFunctionsRequest, _maxent_pb2.ListRewardFunctionsResponse]
     """Lists the reward functions this server can evaluate, plugins included."""
+    WatchRun: _grpc.UnaryStreamMultiCallable[_maxent_pb2.WatchRunRequest, _maxent_pb2.WatchRunResponse]
+    """Streams a run's controller states in version order: first the state at
+    since_version (or the current one), then every later version, none
+    skipped, as updates apply. Ends with NOT_FOUND when the run is deleted.
+    """
 
 @_typing.type_check_only
 class MaxEntServiceAsyncStub(MaxEntServiceStub):
@@ -111,6 +116,11 @@ class MaxEntServiceAsyncStub(MaxEntServiceStub):
     """
     ListRewardFunctions: _aio.UnaryUnaryMultiCallable[_maxent_pb2.ListRewardFunctionsRequest, _maxent_pb2.ListRewardFunctionsResponse]  # type: ignore[assignment]
     """Lists the reward functions this server can evaluate, plugins included."""
+    WatchRun: _aio.UnaryStreamMultiCallable[_maxent_pb2.WatchRunRequest, _maxent_pb2.WatchRunResponse]  # type: ignore[assignment]
+    """Streams a run's controller states in version order: first the state at
+    since_version (or the current one), then every later version, none
+    skipped, as updates apply. Ends with NOT_FOUND when the run is deleted.
+    """
 
 class MaxEntServiceServicer(metaclass=_abc_1.ABCMeta):
     """Scores completions, weights them, and steers each run's controller."""
@@ -198,5 +208,16 @@ class MaxEntServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_maxent_pb2.ListRewardFunctionsResponse, _abc.Awaitable[_maxent_pb2.ListRewardFunctionsResponse]]:
         """Lists the reward functions this server can evaluate, plugins included."""
+
+    @_abc_1.abstractmethod
+    def WatchRun(
+        self,
+        request: _maxent_pb2.WatchRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_maxent_pb2.WatchRunResponse], _abc.AsyncIterator[_maxent_pb2.WatchRunResponse]]:
+        """Streams a run's controller states in version order: first the state at
+        since_version (or the current one), then every later version, none
+        skipped, as updates apply. Ends with NOT_FOUND when the run is deleted.
+        """
 
 def add_MaxEntServiceServicer_to_server(servicer: MaxEntServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
