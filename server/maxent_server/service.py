@@ -63,7 +63,8 @@ def add_to_server(servicer: "MaxEntServicer", server: Any) -> None:
     response serializer that passes an EncodedResponse's bytes through and,
     for the batch methods, requests whose arrays numpy reads off the wire."""
     handlers = {
-        method.name: grpc.unary_unary_rpc_method_handler(
+        method.name: (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                      else grpc.unary_unary_rpc_method_handler)(
             getattr(servicer, method.name),
             request_deserializer=_request_reader(getattr(pb, method.input_type.name)),
             response_serializer=serialize_response,
