@@ -187,7 +187,9 @@ def train_step(client: MaxEntClient, args: argparse.Namespace, learner: Learner,
     stats = step_statistics(client, args.run_id, batch, args.timeout)
     loss, kl = optimize(learner.policy, learner.optimizer, batch, stats)
     update = client.update_controller(
-        args.run_id, global_step=step, weight_entropy=stats.weight_entropy, measured_kl=kl,
+        # the entropy the run's entropy_scope selects (all groups, or the mixed ones)
+        args.run_id, global_step=step, weight_entropy=stats.controller_weight_entropy, measured_kl=kl,
+        max_weight_entropy=stats.controller_max_weight_entropy,
         request_id=controller_request_id(args.run_id, args.job, step), timeout=args.timeout,
     )
     return {

@@ -479,6 +479,7 @@ class ControllerConfig:
     target_entropy_start: Optional[float] = None
     target_entropy_final: Optional[float] = None
     target_entropy_horizon: int = 0
+    target_entropy_ratio: Optional[float] = None
     tau_lr: float = 0.0
     tau_min: float = 0.0
     tau_max: float = 0.0
@@ -500,6 +501,9 @@ class ControllerState:
     ema: Optional[float] = None
     step: int = 0
     version: int = 0
+    last_max_entropy: Optional[float] = None
+    unreachable: bool = False
+    bound_steps: int = 0
 
 
 def initial_state(config: ControllerConfig) -> ControllerState:
@@ -538,10 +542,16 @@ def controller_update(
     tau_grad: Optional[float] = None,
     beta_grad: Optional[float] = None,
     lr_scale: float = 1.0,
+    max_entropy: Optional[float] = None,
 ) -> ControllerState:
     """One accepted update, in the order of docs/math.md §7."""
     tau, beta, log_tau, ema = state.tau, state.beta, state.log_tau, state.ema
-    target = target_entropy_at(config, step)
+    if max_entropy is None:
+        max_entropy = state.last_max_entropy
+    if config.target_entropy_ratio is not None:
+        target = None if max_entropy is None else config.target_entropy_ratio * max_entropy
+    else:
+        target = target_entropy_at(config, step)
 
     if config.meta_enabled:
         g_tau = tau_grad
@@ -562,19 +572,34 @@ def controller_update(
                     g_beta = -clip
             beta = max(0.0, beta + lr_scale * config.meta_beta_lr * g_beta)
     else:
-        # tau adaptation
-        if target is not None and entropy is not None and step > config.tau_warmup_steps:
+        # the EMA follows every entropy after warm-up; τ moves only with a target
+        if entropy is not None and step > config.tau_warmup_steps:
             ema = entropy if ema is None else 0.9 * ema + 0.1 * entropy
-            log_tau = log_tau + config.tau_lr * lr_scale * (target - ema)
-            try:
-                raw = math.exp(log_tau)
-            except OverflowError:  # τ beyond float range: +inf before the clamp
-                raw = math.inf
-            tau = clamp_tau(config, raw)
-        # KL controller
+            if target is not None:
+                log_tau = log_tau + config.tau_lr * lr_scale * (target - ema)
+                try:
+                    raw = math.exp(log_tau)
+                except OverflowError:  # τ beyond float range: +inf before the clamp
+                    raw = math.inf
+                tau = clamp_tau(config, raw)
+                if tau != raw:  # anti-windup: log τ restarts at the bound
+                    log_tau = math.log(tau) if tau > 0 else math.log(1e-12)
+        # KL controller: the factor never drops below 1e-6
         if kl is not None and config.kl_target > 0 and config.kl_horizon > 0 and config.kl_step_size > 0:
             e = kl / config.kl_target - 1.0
             e = min(max(e, -config.kl_step_size), config.kl_step_size)
-            beta = max(0.0, beta * (1.0 + e / config.kl_horizon))
+            factor = 1.0 + e / config.kl_horizon
+            if factor < 1e-6:
+                factor = 1e-6
+            beta = beta * factor
 
-    return ControllerState(tau=tau, beta=beta, log_tau=log_tau, ema=ema, step=step, version=state.version + 1)
+    has_target = config.meta_enabled or config.target_entropy is not None \
+        or config.target_entropy_start is not None or config.target_entropy_ratio is not None
+    pinned = has_target and ((config.tau_min > 0 and tau <= config.tau_min)
+                             or (config.tau_max > 0 and tau >= config.tau_max))
+    return ControllerState(
+        tau=tau, beta=beta, log_tau=log_tau, ema=ema, step=step, version=state.version + 1,
+        last_max_entropy=max_entropy,
+        unreachable=target is not None and max_entropy is not None and target > max_entropy,
+        bound_steps=state.bound_steps + 1 if pinned else 0,
+    )

@@ -171,3 +171,53 @@ def test_read_mask_sends_only_the_named_arrays(client, run_id):
     assert [v.field for v in bad.value.violations] == ["read_mask.paths[1]"]
     with pytest.raises(TypeError, match="read_mask"):
         client.compute_step_statistics(run_id, utilities=[[1.0]], read_mask="weights")
+
+
+def _plain_scope(sizes, q, group_entropies):
+    """(max entropy, mixed mean entropy or None, mixed count, mixed max entropy), group by group."""
+    logs, mixed, mixed_logs, start = [], [], [], 0
+    for g, k in enumerate(sizes):
+        members = q[start:start + k]
+        start += k
+        if k == 0:
+            continue
+        logs.append(np.log(k))
+        if max(members) - min(members) > 1e-8:
+            mixed.append(group_entropies[g])
+            mixed_logs.append(np.log(k))
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+    return mean(logs) or 0.0, mean(mixed), len(mixed), mean(mixed_logs) or 0.0
+
+
+@pytest.mark.parametrize("scope", ["all_groups", "mixed_groups"])
+def test_mixed_group_entropy_and_the_scope_a_trainer_reports(client, run_id, scope):
+    client.create_run(run_id, WeightingConfig(tau=0.3, entropy_scope=scope))
+    assert client.get_run(run_id).config.entropy_scope == scope
+    sizes, utilities, _, _ = _batch(5)
+    step = client.compute_step_statistics(run_id, utilities=utilities, group_sizes=sizes, include_reference_term=False)
+    max_all, mixed, count, max_mixed = _plain_scope(sizes.tolist(), step.q_values.tolist(),
+                                                    step.group_weight_entropies.tolist())
+    assert 0 < count < int((sizes > 0).sum())
+    assert step.max_weight_entropy == pytest.approx(max_all, abs=1e-12)
+    assert step.mixed_weight_entropy == pytest.approx(mixed, abs=1e-12) and step.mixed_group_count == count
+    if scope == "mixed_groups":
+        assert step.controller_weight_entropy == step.mixed_weight_entropy
+        assert step.controller_max_weight_entropy == pytest.approx(max_mixed, abs=1e-12)
+    else:
+        assert step.controller_weight_entropy == step.weight_entropy
+        assert step.controller_max_weight_entropy == step.max_weight_entropy
+    weights = client.compute_weight_stats(run_id, q_values=step.q_values, group_sizes=sizes,
+                                          include_reference_term=False)
+    assert (weights.mixed_weight_entropy, weights.controller_weight_entropy) == (
+        step.mixed_weight_entropy, step.controller_weight_entropy)
+
+
+def test_a_batch_without_mixed_groups_has_no_mixed_entropy(client, run_id):
+    client.create_run(run_id, WeightingConfig(tau=0.3, entropy_scope="mixed_groups"))
+    step = client.compute_step_statistics(run_id, utilities=[[1.0, 1.0], [0.0, 0.0, 0.0]],
+                                          include_reference_term=False)
+    assert step.mixed_weight_entropy is None and step.mixed_group_count == 0
+    assert step.controller_weight_entropy is None  # nothing for tau to act on: send no entropy
+    assert step.max_weight_entropy == pytest.approx((np.log(2) + np.log(3)) / 2)
+    with pytest.raises(ValueError, match="entropy_scope"):
+        client.create_run(run_id + "-bad", WeightingConfig(tau=0.3, entropy_scope="some"))

@@ -160,6 +160,24 @@ def test_callback_sends_logged_entropy_and_kl(client, run_id):
     assert client.get_run(run_id).state.version == 1
 
 
+def test_callbacks_of_two_jobs_pool_into_one_step(client, run_id):
+    client.create_run(run_id, WeightingConfig(tau=0.5, target_entropy=0.5, tau_lr=0.1, reporters_per_step=2))
+    jobs = [MaxEntControllerCallback(client, run_id, request_id_prefix=name, sample_count_key="samples")
+            for name in ("job-a", "job-b")]
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 1
+    jobs[0].on_log(None, state, control, logs={"maxent/weight_entropy": 0.9, "samples": 3})
+    assert not jobs[0].updates[-1].applied and jobs[0].last_state.pending_reporters == ("job-a",)
+    jobs[1].on_log(None, state, control, logs={"maxent/weight_entropy": 0.5, "samples": 1})
+    assert jobs[1].updates[-1].applied
+    after = client.get_run(run_id).state
+    assert after.version == 1 and after.last_weight_entropy == pytest.approx((3 * 0.9 + 0.5) / 4)
+    # a job's report of a step already applied is stale
+    jobs[1].request_id_prefix = "job-b-restarted"
+    jobs[1].on_log(None, state, control, logs={"maxent/weight_entropy": 0.1})
+    assert jobs[1].updates[-1].stale and client.get_run(run_id).state.version == 1
+
+
 # -- end to end ---------------------------------------------------------------------
 
 CHARS = list("0123456789+-*=?(){}\\<>/ abcdefghijklmnopqrstuvwxyz")
@@ -232,3 +250,36 @@ def test_grpo_trainer_two_steps_with_service_rewards_and_controller(server, tmp_
         assert state.last_measured_kl == pytest.approx(logs[-1]["kl"], rel=1e-6, abs=1e-12)
         assert state.tau != 0.5 and state.beta != 0.04
         assert trainer.beta == pytest.approx(state.beta)  # on_state let the run steer TRL's KL coefficient
+
+
+def test_callback_sends_the_entropy_the_run_scope_selects(client, run_id):
+    client.create_run(run_id, WeightingConfig(tau=0.5, target_entropy=0.5, tau_lr=0.1, entropy_scope="mixed_groups"))
+    callback = MaxEntControllerCallback(client, run_id, request_id_prefix="scoped")
+    state, control = TrainerState(), TrainerControl()
+    # no mixed group in the window: the scoped entropy is NaN and no entropy goes out, only the KL
+    state.global_step = 1
+    callback.on_log(None, state, control, logs={"maxent/weight_entropy": 0.9, "kl": 0.04,
+                                                "maxent/controller_weight_entropy": float("nan"),
+                                                "maxent/max_weight_entropy": 1.1})
+    after = client.get_run(run_id).state
+    assert after.version == 1 and after.last_weight_entropy is None and after.tau == 0.5
+    # a window with mixed groups: their entropy drives tau
+    state.global_step = 2
+    callback.on_log(None, state, control, logs={"maxent/weight_entropy": 0.9, "maxent/controller_weight_entropy": 0.3})
+    assert client.get_run(run_id).state.last_weight_entropy == pytest.approx(0.3)
+    # the reward function logs the scoped pair
+    logged: dict[str, float] = {}
+    reward = MaxEntRewardFunction(client, rewards=[RewardTerm("format", 1.0)], run_id=run_id, num_generations=2)
+    reward(prompts=["p", "p", "q", "q"], completions=["<think>a</think><answer>b</answer>", "x", "y", "z"],
+           log_metric=logged.__setitem__)
+    assert logged["maxent/controller_weight_entropy"] == pytest.approx(logged["maxent/weight_entropy"] * 0 +
+                                                                      reward_mixed_entropy(client, run_id))
+    assert logged["maxent/max_weight_entropy"] == pytest.approx(math.log(2))
+
+
+def reward_mixed_entropy(client, run_id) -> float:
+    """The mixed-group entropy of the batch above: only the first group's rewards differ."""
+    stats = client.compute_reward_statistics(utilities=[[1.0, 0.0], [0.0, 0.0]], run_id=run_id)
+    weights = client.compute_weight_stats(run_id, q_values=stats.q_values, group_sizes=[2, 2],
+                                          include_reference_term=False)
+    return weights.group_weight_entropies[0]

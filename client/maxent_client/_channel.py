@@ -12,6 +12,14 @@ import grpc
 
 SERVICE = "maxent.v1.MaxEntService"
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
+# HTTP/2 keepalive while a call is open (a WatchRun stream may carry no data
+# for a long time): a ping every KEEPALIVE_TIME_MS, the connection declared
+# dead when one goes unanswered for KEEPALIVE_TIMEOUT_MS, so a stream to a
+# vanished server fails (UNAVAILABLE, then resumed) within ~40 s instead of
+# hanging. The server accepts pings this often (app.py). Override with
+# `options`, e.g. (("grpc.keepalive_time_ms", 60000),).
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
 
 
 def _read(value: bytes | str | Path | None) -> bytes | None:
@@ -62,6 +70,10 @@ class ChannelSettings:
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging a quiet stream
         ]
         if self.max_attempts >= 2:  # gRPC's retry policy needs at least two attempts
             options += [

@@ -11,8 +11,9 @@ from ._generated.maxent.v1 import maxent_pb2 as pb
 from .models import ControllerState, Denominator, Run, WeightingConfig
 
 _OPTIONAL_CONFIG = {"length_normalize_ref", "q_temperature", "q_epsilon", "target_entropy",
-                    "target_entropy_start", "target_entropy_final"}
-_ADVANTAGE_OPTIONS = {"scale_rewards", "advantage_baseline"}
+                    "target_entropy_start", "target_entropy_final", "target_entropy_ratio"}
+_ADVANTAGE_OPTIONS = {"scale_rewards", "advantage_baseline", "entropy_scope"}
+ENTROPY_SCOPES = {"all_groups": pb.ENTROPY_SCOPE_ALL_GROUPS, "mixed_groups": pb.ENTROPY_SCOPE_MIXED_GROUPS}
 SCALINGS = {"group": pb.ADVANTAGE_SCALING_GROUP, "batch": pb.ADVANTAGE_SCALING_BATCH, "none": pb.ADVANTAGE_SCALING_NONE}
 BASELINES = {"group_mean": pb.ADVANTAGE_BASELINE_GROUP_MEAN, "leave_one_out": pb.ADVANTAGE_BASELINE_LEAVE_ONE_OUT,
              "rloo": pb.ADVANTAGE_BASELINE_LEAVE_ONE_OUT}
@@ -49,6 +50,10 @@ def config_to_proto(config: WeightingConfig) -> pb.WeightingConfig:
             continue
         setattr(msg, name, value.value if isinstance(value, Denominator) else value)
     set_advantage_options(msg, config.scale_rewards, config.advantage_baseline)
+    if config.entropy_scope is not None:
+        if config.entropy_scope not in ENTROPY_SCOPES:
+            raise ValueError(f"entropy_scope must be one of {sorted(ENTROPY_SCOPES)}, got {config.entropy_scope!r}")
+        msg.entropy_scope = ENTROPY_SCOPES[config.entropy_scope]
     return msg
 
 
@@ -57,6 +62,7 @@ def config_from_proto(msg: pb.WeightingConfig) -> WeightingConfig:
         "scale_rewards": _scale_rewards_from(msg),
         "advantage_baseline": {pb.ADVANTAGE_BASELINE_GROUP_MEAN: "group_mean",
                                pb.ADVANTAGE_BASELINE_LEAVE_ONE_OUT: "leave_one_out"}.get(msg.advantage_baseline),
+        "entropy_scope": {value: name for name, value in ENTROPY_SCOPES.items()}.get(msg.entropy_scope),
     }
     for name in WeightingConfig.field_names():
         if name in _ADVANTAGE_OPTIONS:
@@ -91,7 +97,35 @@ def state_from_proto(msg: pb.ControllerState) -> ControllerState:
         update_time=_time(msg.update_time),
         last_weight_entropy=_opt(msg, "last_weight_entropy"),
         last_measured_kl=_opt(msg, "last_measured_kl"),
+        target_unreachable=msg.target_unreachable,
+        tau_bound_steps=msg.tau_bound_steps,
+        last_max_weight_entropy=_opt(msg, "last_max_weight_entropy"),
+        pending_step=msg.pending_step,
+        pending_reporters=tuple(msg.pending_reporters),
     )
+
+
+_STATE_OPTIONAL = ("entropy_ema", "active_target_entropy", "last_weight_entropy", "last_measured_kl",
+                   "last_max_weight_entropy")
+
+
+def state_to_proto(state: ControllerState) -> pb.ControllerState:
+    """A state as CreateRunRequest.initial_state (an import); run_id and
+    update_time are left out, the server ignores them."""
+    msg = pb.ControllerState(
+        tau=state.tau,
+        beta=state.beta,
+        tau_log=state.tau_log,
+        global_step=state.global_step,
+        version=state.version,
+        target_unreachable=state.target_unreachable,
+        tau_bound_steps=state.tau_bound_steps,
+    )
+    for name in _STATE_OPTIONAL:
+        value = getattr(state, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
 
 
 def run_from_proto(msg: pb.Run) -> Run:

@@ -192,6 +192,12 @@ def weight_result(reply: Any, sizes: np.ndarray) -> WeightStats:
         tau=reply.tau,
         beta=reply.beta,
         controller_version=reply.controller_version,
+        max_weight_entropy=reply.max_weight_entropy,
+        mixed_weight_entropy=reply.mixed_weight_entropy if reply.HasField("mixed_weight_entropy") else None,
+        mixed_group_count=reply.mixed_group_count,
+        controller_weight_entropy=(reply.controller_weight_entropy
+                                   if reply.HasField("controller_weight_entropy") else None),
+        controller_max_weight_entropy=reply.controller_max_weight_entropy,
     )
 
 
@@ -206,8 +212,13 @@ def update_request(
     beta_grad: float | None = None,
     lr_scale: float | None = None,
     expected_version: int | None = None,
+    max_weight_entropy: float | None = None,
+    reporter_id: str | None = None,
+    sample_count: float | None = None,
 ) -> pb.UpdateControllerRequest:
-    request = pb.UpdateControllerRequest(run_id=run_id, request_id=request_id, global_step=global_step)
+    request = pb.UpdateControllerRequest(
+        run_id=run_id, request_id=request_id, global_step=global_step, reporter_id=reporter_id or ""
+    )
     set_optional(
         request,
         weight_entropy=weight_entropy,
@@ -216,12 +227,15 @@ def update_request(
         beta_grad=beta_grad,
         lr_scale=lr_scale,
         expected_version=expected_version,
+        max_weight_entropy=max_weight_entropy,
+        sample_count=sample_count,
     )
     return request
 
 
 def update_result(reply: pb.UpdateControllerResponse, request_id: str) -> UpdateResult:
-    return UpdateResult(cv.state_from_proto(reply.state), reply.replayed, request_id)
+    return UpdateResult(cv.state_from_proto(reply.state), reply.replayed, request_id, stale=reply.stale,
+                        applied=reply.applied, partial=reply.partial)
 
 
 def reward_functions(reply: pb.ListRewardFunctionsResponse) -> list[RewardFunctionInfo]:

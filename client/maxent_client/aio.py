@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any, AsyncIterator, Sequence
 
@@ -10,9 +11,10 @@ import grpc
 from . import _convert as cv
 from . import _messages as msg
 from ._generated.maxent.v1 import maxent_pb2 as pb
-from .client import ClientBase
+from .client import ClientBase, _WatchCursor
 from .errors import from_rpc_error
 from .models import (
+    ControllerState,
     FailurePolicy,
     RewardFunctionInfo,
     RewardStatistics,
@@ -57,9 +59,20 @@ class AsyncMaxEntClient(ClientBase):
 
     # -- runs ------------------------------------------------------------------
 
-    async def create_run(self, run_id: str, config: WeightingConfig | None = None, *, timeout: float | None = None) -> Run:
-        """Create a run (idempotent for an identical config)."""
+    async def create_run(
+        self,
+        run_id: str,
+        config: WeightingConfig | None = None,
+        *,
+        initial_state: ControllerState | None = None,
+        timeout: float | None = None,
+    ) -> Run:
+        """Create a run (idempotent for an identical config). With
+        `initial_state` (an exported run's state) the controller starts
+        exactly there: tau, beta, log tau, EMA, step, version and the rest."""
         request = pb.CreateRunRequest(run_id=run_id, config=cv.config_to_proto(config or WeightingConfig()))
+        if initial_state is not None:
+            request.initial_state.CopyFrom(cv.state_to_proto(initial_state))
         return cv.run_from_proto((await self._call("CreateRun", request, timeout)).run)
 
     async def get_run(self, run_id: str, *, timeout: float | None = None) -> Run:
@@ -204,16 +217,58 @@ class AsyncMaxEntClient(ClientBase):
         lr_scale: float | None = None,
         expected_version: int | None = None,
         request_id: str | None = None,
+        max_weight_entropy: float | None = None,
+        reporter_id: str | None = None,
+        sample_count: float | None = None,
         timeout: float | None = None,
     ) -> UpdateResult:
         """Apply one controller step. A request_id is generated when none is
-        given; retries re-send it, so the update is applied once."""
+        given; retries re-send it, so the update is applied once. On a run with
+        reporters_per_step > 1 this is one job's report (`reporter_id`, with
+        `sample_count` samples behind it), pooled until the step is complete."""
         request_id = request_id or uuid.uuid4().hex
         request = msg.update_request(
             run_id, request_id, global_step=global_step, weight_entropy=weight_entropy, measured_kl=measured_kl,
             tau_grad=tau_grad, beta_grad=beta_grad, lr_scale=lr_scale, expected_version=expected_version,
+            max_weight_entropy=max_weight_entropy, reporter_id=reporter_id, sample_count=sample_count,
         )
         return msg.update_result(await self._call("UpdateController", request, timeout), request_id)
 
     async def list_reward_functions(self, *, timeout: float | None = None) -> list[RewardFunctionInfo]:
         return msg.reward_functions(await self._call("ListRewardFunctions", pb.ListRewardFunctionsRequest(), timeout))
+
+    # -- watching ------------------------------------------------------------------
+
+    async def watch_run(
+        self,
+        run_id: str,
+        *,
+        since_version: int = 0,
+        wait_for_run: bool = False,
+        timeout: float | None = None,
+        reconnect_seconds: float = 60.0,
+    ) -> AsyncIterator[ControllerState]:
+        """MaxEntClient.watch_run as an async iterator: ``async for state in
+        client.watch_run(run_id)``; resumes a broken stream the same way."""
+        cursor = _WatchCursor(since_version, timeout, reconnect_seconds, self.settings.initial_backoff,
+                              self.settings.max_backoff)
+        while True:
+            call = self._stub.WatchRun(
+                cursor.request(run_id, wait_for_run), timeout=cursor.remaining(),
+                wait_for_ready=self.wait_for_ready, metadata=self._metadata,
+            )
+            try:
+                async for response in call:
+                    state = cursor.accept(response)
+                    if state is not None:
+                        yield state
+                return
+            except grpc.aio.AioRpcError as error:
+                delay = cursor.retry_after(error)
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(self._channel.channel_ready(), cursor.reconnect_window())
+            except asyncio.TimeoutError:
+                raise cursor.give_up() from None

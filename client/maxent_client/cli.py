@@ -3,8 +3,8 @@
     maxentctl health
     maxentctl runs list | show RUN | create RUN [--config FILE] [--set KEY=VALUE ...] | delete RUN
     maxentctl export RUN [--format service|seed] [-o FILE]
-    maxentctl import FILE [--run-id RUN] [--config FILE]
-    maxentctl watch RUN [--interval SECONDS] [--count N]
+    maxentctl import FILE [--run-id RUN] [--config FILE] [--set KEY=VALUE ...]
+    maxentctl watch RUN [--count N] [--duration SECONDS] [--since VERSION] [--wait]
 
 Connection flags (every subcommand): --target (MAXENT_TARGET, default
 127.0.0.1:50051), --token (MAXENT_TOKEN), --tls-ca, --tls-cert, --tls-key.
@@ -19,7 +19,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any, Sequence, TextIO
 
 import grpc
@@ -55,6 +54,51 @@ def state_to_json(state: ControllerState) -> dict[str, Any]:
     out = dataclasses.asdict(state)
     out["update_time"] = state.update_time.isoformat()
     return out
+
+
+def state_from_json(data: dict[str, Any]) -> ControllerState:
+    """An exported state (state_to_json) as the initial state of an import.
+    Keys the client does not know are ignored; missing ones take their
+    defaults (log tau from tau, no EMA, step and version 0), so exports
+    written before a field existed still load. A step that was pending is
+    not carried over."""
+    known = {f.name for f in dataclasses.fields(ControllerState)} - {"pending_step", "pending_reporters"}
+    values = {k: v for k, v in data.items() if k in known}
+    tau = float(values.get("tau", 0.0))
+    values.update(
+        run_id="",
+        tau=tau,
+        beta=float(values.get("beta", 0.0)),
+        tau_log=float(values.get("tau_log", math.log(max(tau, 1e-12)))),
+        entropy_ema=values.get("entropy_ema"),
+        global_step=int(values.get("global_step", 0)),
+        version=int(values.get("version", 0)),
+        active_target_entropy=values.get("active_target_entropy"),
+        update_time=dt.datetime.now(dt.timezone.utc),
+    )
+    return ControllerState(**values)
+
+
+def seed_state_from_json(data: dict[str, Any], config: WeightingConfig) -> ControllerState:
+    """The published library's controller file (beta, tau, tau_log,
+    tau_entropy_ema) as an initial state: the fields it carries, the rest
+    fresh (step and version 0; the target in force at step 0)."""
+    unknown = set(data) - {"beta", "tau", "tau_log", "tau_entropy_ema"}
+    if unknown:
+        raise ValueError(f"unknown keys in a seed-format controller file: {', '.join(sorted(unknown))}")
+    ema = data.get("tau_entropy_ema")
+    state = {"tau": data.get("tau", config.tau), "beta": data.get("beta", config.beta),
+             "entropy_ema": None if ema is None or math.isnan(ema) else ema,
+             "active_target_entropy": _target_at_start(config)}
+    if "tau_log" in data:
+        state["tau_log"] = data["tau_log"]
+    return state_from_json(state)
+
+
+def _target_at_start(config: WeightingConfig) -> float | None:
+    if config.target_entropy_start is not None and config.target_entropy_final is not None:
+        return config.target_entropy_start if config.target_entropy_horizon > 0 else config.target_entropy_final
+    return config.target_entropy
 
 
 def run_to_json(run: Run) -> dict[str, Any]:
@@ -174,43 +218,79 @@ def cmd_export(client: MaxEntClient, args: argparse.Namespace, out: TextIO) -> i
 
 
 def cmd_import(client: MaxEntClient, args: argparse.Namespace, out: TextIO) -> int:
-    """Create a run from an export: the config, with tau and beta taken from
-    the exported state. The controller restarts at version 0 (no entropy EMA)."""
+    """Create a run from an export that continues where the exported one
+    stopped: our format restores its config and its whole controller state;
+    a seed-format file (the library's controller file) restores tau, beta,
+    log tau and the entropy EMA, with the config given by --config/--set."""
     with open(args.file, encoding="utf-8") as handle:
         data = json.load(handle)
+    if not isinstance(data, dict):
+        raise ValueError(f"{args.file}: not an export (a JSON object)")
     if "config" in data:  # service format
-        config = config_from_json(data["config"])
-        state = data.get("state", {})
+        config = config_from_json({**data["config"], **_settings(args.set)})
+        state = state_from_json(data.get("state", {"tau": config.tau, "beta": config.beta}))
         run_id = args.run_id or data.get("run_id")
     else:  # seed format: the controller file alone
-        config = _load_config(args.config, [])
-        state = data
+        if not args.config and not args.set:
+            raise ValueError(f"{args.file} is a seed-format controller file without a config; "
+                             "give the run's config with --config FILE and/or --set KEY=VALUE")
+        config = _load_config(args.config, args.set)
+        # The run starts at the file's tau and beta (its config says so too).
+        config = dataclasses.replace(config, tau=float(data.get("tau", config.tau)),
+                                     beta=float(data.get("beta", config.beta)))
+        state = seed_state_from_json(data, config)
         run_id = args.run_id
     if not run_id:
         raise ValueError("--run-id is required for a seed-format file")
-    config = dataclasses.replace(config, tau=float(state.get("tau", config.tau)),
-                                 beta=float(state.get("beta", config.beta)))
-    run = client.create_run(run_id, config)
-    out.write(f"imported {run.run_id}: tau={_fmt(run.state.tau)} beta={_fmt(run.state.beta)}\n")
+    run = client.create_run(run_id, config, initial_state=state)
+    s = run.state
+    out.write(f"imported {run.run_id}: tau={_fmt(s.tau)} beta={_fmt(s.beta)} "
+              f"step={s.global_step} version={s.version}\n")
     return 0
 
 
+def _settings(items: Sequence[str]) -> dict[str, Any]:
+    """--set KEY=VALUE items as a dict (config_from_json checks the keys)."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        values[key.strip()] = _parse_value(value)
+    return values
+
+
+WATCH_COLUMNS = (("VERSION", 8), ("STEP", 8), ("TAU", 12), ("BETA", 12), ("ENTROPY_EMA", 12), ("ENTROPY", 12),
+                 ("KL", 12))
+
+
+def watch_line(state: ControllerState) -> str:
+    """One state as fixed-width columns (WATCH_COLUMNS), numbers right-aligned."""
+    values = (state.version, state.global_step, state.tau, state.beta, state.entropy_ema,
+              state.last_weight_entropy, state.last_measured_kl)
+    return "  ".join(_fmt(v).rjust(width) for v, (_, width) in zip(values, WATCH_COLUMNS))
+
+
 def cmd_watch(client: MaxEntClient, args: argparse.Namespace, out: TextIO) -> int:
-    header = ["TIME", "VERSION", "STEP", "TAU", "BETA", "ENTROPY", "ENTROPY_EMA", "TARGET", "KL"]
-    out.write("  ".join(header) + "\n")
-    last_version = None
+    """Stream the run's controller versions (WatchRun): one aligned line per
+    version, none skipped; resumes by itself across a server restart."""
+    out.write("  ".join(name.rjust(width) for name, width in WATCH_COLUMNS) + "\n")
+    out.flush()
     printed = 0
-    while args.count <= 0 or printed < args.count:
-        state = client.get_run(args.run_id).state
-        if state.version != last_version:
-            row = [state.update_time.strftime("%H:%M:%S"), state.version, state.global_step, state.tau, state.beta,
-                   state.last_weight_entropy, state.entropy_ema, state.active_target_entropy, state.last_measured_kl]
-            out.write("  ".join(_fmt(v) for v in row) + "\n")
+    states = client.watch_run(args.run_id, since_version=args.since, wait_for_run=args.wait,
+                              timeout=args.duration if args.duration > 0 else None)
+    try:
+        for state in states:
+            out.write(watch_line(state) + "\n")
             out.flush()
-            last_version = state.version
             printed += 1
-            continue
-        time.sleep(args.interval)
+            if 0 < args.count <= printed:
+                break
+    except MaxEntError as error:
+        if error.code != grpc.StatusCode.DEADLINE_EXCEEDED or args.duration <= 0:
+            raise
+    finally:
+        states.close()
     return 0
 
 
@@ -255,16 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", help="write to this file instead of stdout")
     export.set_defaults(func=cmd_export)
 
-    imp = sub.add_parser("import", help="create a run from an export")
+    imp = sub.add_parser("import", help="create a run that continues an exported one")
     imp.add_argument("file")
     imp.add_argument("--run-id", help="run id (default: the one in the file)")
-    imp.add_argument("--config", help="config JSON for a seed-format file")
+    imp.add_argument("--config", help="config JSON for a seed-format file (required, or --set)")
+    imp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="config field (repeatable): the config of a seed-format file, or overrides")
     imp.set_defaults(func=cmd_import)
 
-    watch = sub.add_parser("watch", help="print tau, beta, entropy and version as they change")
+    watch = sub.add_parser("watch", help="print each controller version (tau, beta, entropy, KL) as it is applied")
     watch.add_argument("run_id")
-    watch.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
     watch.add_argument("--count", type=int, default=0, help="stop after N lines (default: never)")
+    watch.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: never)")
+    watch.add_argument("--since", type=int, default=0, metavar="VERSION",
+                       help="start after this version (default: with the current state)")
+    watch.add_argument("--wait", action="store_true", help="wait for a run that does not exist yet")
+    watch.add_argument("--interval", type=float, default=None, help=argparse.SUPPRESS)  # before WatchRun; ignored
     watch.set_defaults(func=cmd_watch)
     return parser
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -17,6 +19,7 @@ from ._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from ._wire import decode
 from .errors import from_rpc_error
 from .models import (
+    ControllerState,
     FailurePolicy,
     RewardFunctionInfo,
     RewardStatistics,
@@ -30,6 +33,9 @@ from .models import (
 )
 
 PemSource = bytes | str | Path | None
+# A watch stream broken with one of these codes (a server restarting or
+# draining, a network cut) is resumed from the last version seen.
+WATCH_RESUME_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 ENCODED_METHODS = ("ComputeRewardStatistics", "ComputeWeightStats", "ComputeStepStatistics")
 
 
@@ -116,9 +122,20 @@ class MaxEntClient(ClientBase):
 
     # -- runs ------------------------------------------------------------------
 
-    def create_run(self, run_id: str, config: WeightingConfig | None = None, *, timeout: float | None = None) -> Run:
-        """Create a run (idempotent for an identical config)."""
+    def create_run(
+        self,
+        run_id: str,
+        config: WeightingConfig | None = None,
+        *,
+        initial_state: ControllerState | None = None,
+        timeout: float | None = None,
+    ) -> Run:
+        """Create a run (idempotent for an identical config). With
+        `initial_state` (an exported run's state) the controller starts
+        exactly there: tau, beta, log tau, EMA, step, version and the rest."""
         request = pb.CreateRunRequest(run_id=run_id, config=cv.config_to_proto(config or WeightingConfig()))
+        if initial_state is not None:
+            request.initial_state.CopyFrom(cv.state_to_proto(initial_state))
         return cv.run_from_proto(self._call("CreateRun", request, timeout).run)
 
     def get_run(self, run_id: str, *, timeout: float | None = None) -> Run:
@@ -262,16 +279,120 @@ class MaxEntClient(ClientBase):
         lr_scale: float | None = None,
         expected_version: int | None = None,
         request_id: str | None = None,
+        max_weight_entropy: float | None = None,
+        reporter_id: str | None = None,
+        sample_count: float | None = None,
         timeout: float | None = None,
     ) -> UpdateResult:
         """Apply one controller step. A request_id is generated when none is
-        given; retries re-send it, so the update is applied once."""
+        given; retries re-send it, so the update is applied once. On a run with
+        reporters_per_step > 1 this is one job's report (`reporter_id`, with
+        `sample_count` samples behind it), pooled until the step is complete."""
         request_id = request_id or uuid.uuid4().hex
         request = msg.update_request(
             run_id, request_id, global_step=global_step, weight_entropy=weight_entropy, measured_kl=measured_kl,
             tau_grad=tau_grad, beta_grad=beta_grad, lr_scale=lr_scale, expected_version=expected_version,
+            max_weight_entropy=max_weight_entropy, reporter_id=reporter_id, sample_count=sample_count,
         )
         return msg.update_result(self._call("UpdateController", request, timeout), request_id)
 
     def list_reward_functions(self, *, timeout: float | None = None) -> list[RewardFunctionInfo]:
         return msg.reward_functions(self._call("ListRewardFunctions", pb.ListRewardFunctionsRequest(), timeout))
+
+    # -- watching ------------------------------------------------------------------
+
+    def watch_run(
+        self,
+        run_id: str,
+        *,
+        since_version: int = 0,
+        wait_for_run: bool = False,
+        timeout: float | None = None,
+        reconnect_seconds: float = 60.0,
+    ) -> Iterator[ControllerState]:
+        """The run's controller state as it changes: first the current state
+        (or, with since_version > 0, every version after it that the server
+        still holds), then each new version in order, none skipped, none
+        repeated. Runs until the caller stops iterating, `timeout` seconds
+        pass (DeadlineExceededError; None: no limit) or the run is deleted
+        (NotFoundError). `wait_for_run` waits for a run that does not exist
+        yet. A stream broken by a server restart or a network cut is resumed
+        from the last version seen, with backoff, for up to
+        `reconnect_seconds` before the error is raised."""
+        cursor = _WatchCursor(since_version, timeout, reconnect_seconds, self.settings.initial_backoff,
+                              self.settings.max_backoff)
+        while True:
+            call = self._stub.WatchRun(
+                cursor.request(run_id, wait_for_run), timeout=cursor.remaining(),
+                wait_for_ready=self.wait_for_ready, metadata=self._metadata,
+            )
+            try:
+                for response in call:
+                    state = cursor.accept(response)
+                    if state is not None:
+                        yield state
+                return
+            except grpc.RpcError as error:
+                delay = cursor.retry_after(error)
+            finally:
+                call.cancel()
+            time.sleep(delay)
+            try:
+                grpc.channel_ready_future(self._channel).result(timeout=cursor.reconnect_window())
+            except grpc.FutureTimeoutError:
+                raise cursor.give_up() from None
+
+
+class _WatchCursor:
+    """A watch's position (the last version yielded) and its reconnect budget."""
+
+    def __init__(self, since_version: int, timeout: float | None, reconnect_seconds: float,
+                 initial_backoff: float, max_backoff: float) -> None:
+        if since_version < 0:
+            raise ValueError("since_version must be >= 0")
+        self.last: int | None = since_version if since_version > 0 else None
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.reconnect_seconds = reconnect_seconds
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.failures = 0
+        self.broken_since: float | None = None
+        self.error: grpc.RpcError | None = None
+
+    def request(self, run_id: str, wait_for_run: bool) -> pb.WatchRunRequest:
+        return pb.WatchRunRequest(run_id=run_id, since_version=self.last or 0, wait_for_run=wait_for_run)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def accept(self, response: Any) -> ControllerState | None:
+        """The state to yield, or None for a version already yielded."""
+        self.failures, self.broken_since = 0, None
+        state = cv.state_from_proto(response.state)
+        if self.last is not None and state.version <= self.last:
+            return None
+        self.last = state.version
+        return state
+
+    def retry_after(self, error: grpc.RpcError) -> float:
+        """Seconds to wait before resuming, or raise the error as a MaxEntError."""
+        self.error = error
+        now = time.monotonic()
+        if self.broken_since is None:
+            self.broken_since = now
+        if error.code() not in WATCH_RESUME_CODES or now - self.broken_since >= self.reconnect_seconds:
+            raise self.give_up() from None
+        delay = min(self.max_backoff, self.initial_backoff * 2**self.failures) * random.uniform(0.5, 1.0)
+        self.failures += 1
+        if self.deadline is not None and now + delay >= self.deadline:
+            raise self.give_up() from None
+        return delay
+
+    def reconnect_window(self) -> float:
+        """How long to wait for the channel to connect again."""
+        left = self.reconnect_seconds - (time.monotonic() - (self.broken_since or time.monotonic()))
+        remaining = self.remaining()
+        return max(0.0, left if remaining is None else min(left, remaining))
+
+    def give_up(self) -> Exception:
+        return from_rpc_error(self.error)

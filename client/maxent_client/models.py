@@ -42,6 +42,9 @@ class WeightingConfig:
     target_entropy_start: float | None = None
     target_entropy_final: float | None = None
     target_entropy_horizon: int = 0
+    # Target as a fraction (0, 1] of the batch's maximum possible weight
+    # entropy; exclusive with the absolute targets.
+    target_entropy_ratio: float | None = None
     tau_lr: float = 0.0
     tau_min: float = 0.0
     tau_max: float = 0.0
@@ -53,8 +56,13 @@ class WeightingConfig:
     meta_tau_lr: float = 0.0
     meta_beta_lr: float = 0.0
     meta_beta_grad_clip: float = 0.0
+    # Reports pooled into one controller step (several jobs, one run); 0 or 1: every report steps.
+    reporters_per_step: int = 1
     # "group_mean" (default) or "leave_one_out" (RLOO).
     advantage_baseline: str | None = None
+    # Which weight entropy drives tau: "all_groups" (default) or
+    # "mixed_groups" (only groups whose q is not constant).
+    entropy_scope: str | None = None
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -76,6 +84,14 @@ class ControllerState:
     update_time: _dt.datetime
     last_weight_entropy: float | None = None
     last_measured_kl: float | None = None
+    # The active target is above the last reported maximum weight entropy.
+    target_unreachable: bool = False
+    # Consecutive applied steps that left tau at tau_min or tau_max.
+    tau_bound_steps: int = 0
+    last_max_weight_entropy: float | None = None
+    # A pooled run's step whose reports are being collected, and who reported it so far.
+    pending_step: int = 0
+    pending_reporters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,11 +104,17 @@ class Run:
 
 @dataclass(frozen=True)
 class UpdateResult:
-    """State after an update; `replayed` when the request_id was applied before."""
+    """State after an update; `replayed` when the request_id was applied
+    before. `applied` when this call stepped the controller, `stale` when its
+    report was for a step already applied (nothing changed), `partial` when
+    the step applied had fewer reporters than the run expects."""
 
     state: ControllerState
     replayed: bool
     request_id: str
+    stale: bool = False
+    applied: bool = False
+    partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +187,15 @@ class WeightStats:
     tau: float
     beta: float
     controller_version: int
+    #: mean of log K_g over non-empty groups: the most weight_entropy can be
+    max_weight_entropy: float = 0.0
+    #: mean weight entropy over groups whose q is not constant (None: no such group)
+    mixed_weight_entropy: float | None = None
+    mixed_group_count: int = 0
+    #: what to send to update_controller as weight_entropy and max_weight_entropy:
+    #: the pair the run's entropy_scope selects
+    controller_weight_entropy: float | None = None
+    controller_max_weight_entropy: float = 0.0
 
     def grouped(self) -> dict[str, list[np.ndarray]]:
         """Per-completion arrays split into one array per group."""
@@ -198,6 +229,11 @@ class StepStatistics:
     tau: float
     beta: float
     controller_version: int
+    max_weight_entropy: float = 0.0
+    mixed_weight_entropy: float | None = None
+    mixed_group_count: int = 0
+    controller_weight_entropy: float | None = None
+    controller_max_weight_entropy: float = 0.0
 
     def grouped(self) -> dict[str, list[np.ndarray]]:
         """Per-completion arrays split into one array per group."""

@@ -190,6 +190,14 @@ def controller_request_id(run_id: str, job: str, step: int) -> str:
     return f"{job[:60]}:{int(step)}:{digest}"
 
 
+def controller_reporter_id(job: str) -> str:
+    """The UpdateController reporter_id of `job` (docs/integrations.md,
+    "Several jobs, one run"): the job name itself, hashed when over 128 characters."""
+    if len(job) <= MAX_REQUEST_ID_LENGTH:
+        return job
+    return f"{job[:60]}:{hashlib.sha256(job.encode()).hexdigest()[:40]}"
+
+
 def weighted_mean(values: Sequence[float], counts: Sequence[float]) -> float | None:
     """The count-weighted mean of per-rank values (None when no counts)."""
     total = float(sum(counts))

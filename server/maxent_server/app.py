@@ -23,6 +23,16 @@ from .tls import TlsConfigError, grpc_server_credentials, http_ssl_context, tls_
 
 log = logging.getLogger("maxent_server")
 SERVICE_NAME = SERVICE.full_name
+# Clients ping every 30 s while a call is open (maxent_client._channel): allow
+# pings 10 s apart on a stream that carries no data (the default, 5 min, would
+# close their connections with too_many_pings), and ping clients every 60 s
+# so a WatchRun stream of a client that vanished is ended within ~80 s.
+KEEPALIVE_OPTIONS = (
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 
 @dataclass
@@ -142,7 +152,8 @@ class MaxEntServer:
         interceptor = CallInterceptor(metrics=self.metrics, authorizer=self.authorizer, access_log=s.access_log)
         self.server = grpc.aio.server(
             interceptors=[interceptor],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     *KEEPALIVE_OPTIONS],
         )
         add_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
@@ -213,6 +224,7 @@ class MaxEntServer:
         self._stopped.set()
         log.info("draining: finishing calls in flight (grace %.1fs)", self.settings.grace_seconds)
         await self.health.enter_graceful_shutdown()
+        self.servicer.begin_shutdown()  # WatchRun streams end now instead of holding the grace period
         await self.server.stop(self.settings.grace_seconds)
         if self.metrics_server is not None:
             self.metrics_server.stop()

@@ -64,6 +64,7 @@ METHOD_ROLES: dict[str, Role] = {
     "ComputeWeightStats": Role.READ,
     "ComputeStepStatistics": Role.READ,
     "ListRewardFunctions": Role.READ,
+    "WatchRun": Role.READ,
     "CreateRun": Role.WRITE,
     "UpdateController": Role.WRITE,
     "DeleteRun": Role.ADMIN,

@@ -8,7 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_client._wire import array
 
-from .engine import Baseline, ControllerState, Denominator, RunConfig, Scaling
+from .engine import Baseline, ControllerState, Denominator, EntropyScope, RunConfig, Scaling
 from .store import RunRecord
 
 _DENOMINATORS = {
@@ -33,6 +33,15 @@ BASELINES = {
     pb.ADVANTAGE_BASELINE_LEAVE_ONE_OUT: Baseline.LEAVE_ONE_OUT,
 }
 _BASELINE_ENUMS = {mode: value for value, mode in BASELINES.items()}
+
+
+ENTROPY_SCOPES = {
+    pb.ENTROPY_SCOPE_UNSPECIFIED: EntropyScope.ALL_GROUPS,
+    pb.ENTROPY_SCOPE_ALL_GROUPS: EntropyScope.ALL_GROUPS,
+    pb.ENTROPY_SCOPE_MIXED_GROUPS: EntropyScope.MIXED_GROUPS,
+}
+_ENTROPY_SCOPE_ENUMS = {EntropyScope.ALL_GROUPS: pb.ENTROPY_SCOPE_ALL_GROUPS,
+                        EntropyScope.MIXED_GROUPS: pb.ENTROPY_SCOPE_MIXED_GROUPS}
 
 
 def known_denominator(value: int) -> bool:
@@ -70,11 +79,13 @@ def config_from_proto(msg: pb.WeightingConfig) -> RunConfig:
         q_epsilon=_opt(msg, "q_epsilon", 1e-6),
         scale_rewards=scaling_of(msg, Scaling.GROUP),
         advantage_baseline=baseline_of(msg, Baseline.GROUP_MEAN),
+        entropy_scope=ENTROPY_SCOPES[msg.entropy_scope],
         train_grpo_objective=msg.train_grpo_objective,
         target_entropy=_opt(msg, "target_entropy"),
         target_entropy_start=_opt(msg, "target_entropy_start"),
         target_entropy_final=_opt(msg, "target_entropy_final"),
         target_entropy_horizon=msg.target_entropy_horizon,
+        target_entropy_ratio=_opt(msg, "target_entropy_ratio"),
         tau_lr=msg.tau_lr,
         tau_min=msg.tau_min,
         tau_max=msg.tau_max,
@@ -86,6 +97,7 @@ def config_from_proto(msg: pb.WeightingConfig) -> RunConfig:
         meta_tau_lr=msg.meta_tau_lr,
         meta_beta_lr=msg.meta_beta_lr,
         meta_beta_grad_clip=msg.meta_beta_grad_clip,
+        reporters_per_step=max(msg.reporters_per_step, 1),
     )
 
 
@@ -96,6 +108,7 @@ def config_to_proto(config: RunConfig) -> pb.WeightingConfig:
     fields["scale_rewards"] = config.scale_rewards is not Scaling.NONE
     fields["advantage_scaling"] = _SCALING_ENUMS[config.scale_rewards]
     fields["advantage_baseline"] = _BASELINE_ENUMS[config.advantage_baseline]
+    fields["entropy_scope"] = _ENTROPY_SCOPE_ENUMS[config.entropy_scope]
     return pb.WeightingConfig(**{k: v for k, v in fields.items() if v is not None})
 
 
@@ -114,12 +127,37 @@ def state_to_proto(run_id: str, state: ControllerState) -> pb.ControllerState:
         global_step=state.global_step,
         version=state.version,
         update_time=timestamp(state.update_time),
+        target_unreachable=state.target_unreachable,
+        tau_bound_steps=state.tau_bound_steps,
+        pending_step=state.pending_step if state.pending_reporters else 0,
+        pending_reporters=list(state.pending_reporters),
     )
-    for name in ("entropy_ema", "active_target_entropy", "last_weight_entropy", "last_measured_kl"):
+    for name in _OPTIONAL_STATE:
         value = getattr(state, name)
         if value is not None:
             setattr(msg, name, value)
     return msg
+
+
+_OPTIONAL_STATE = ("entropy_ema", "active_target_entropy", "last_weight_entropy", "last_measured_kl",
+                   "last_max_weight_entropy")
+
+
+def state_from_proto(msg: pb.ControllerState, now: float) -> ControllerState:
+    """An imported state (CreateRunRequest.initial_state), validated
+    beforehand: every controller field as sent; its run_id and update_time
+    are ignored (the state is stamped `now`), and no step is pending."""
+    return ControllerState(
+        tau=msg.tau,
+        beta=msg.beta,
+        tau_log=msg.tau_log,
+        global_step=msg.global_step,
+        version=msg.version,
+        update_time=now,
+        target_unreachable=msg.target_unreachable,
+        tau_bound_steps=msg.tau_bound_steps,
+        **{name: getattr(msg, name) for name in _OPTIONAL_STATE if msg.HasField(name)},
+    )
 
 
 def run_to_proto(record: RunRecord) -> pb.Run:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf import any_pb2
@@ -71,6 +71,30 @@ def translate_errors(handler: Handler) -> Handler:
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
             return await handler(self, request, context)
+        except Exception as error:  # noqa: BLE001 - every error must become a status
+            status = status_for(error)
+            if status is None:
+                log.exception("unexpected error in %s", handler.__name__)
+                status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+        converted = rpc_status.to_status(status)
+        await context.abort(converted.code, converted.details, converted.trailing_metadata)
+
+    return wrapper
+
+
+StreamHandler = Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+def translate_stream_errors(handler: StreamHandler) -> StreamHandler:
+    """translate_errors for a server-streaming handler (an async generator):
+    the messages pass through; an error ends the stream with its status."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            async for response in handler(self, request, context):
+                yield response
+            return
         except Exception as error:  # noqa: BLE001 - every error must become a status
             status = status_for(error)
             if status is None:

@@ -1,4 +1,4 @@
-"""One grpc.aio interceptor for what every unary call needs around the servicer:
+"""One grpc.aio interceptor for what every call needs around the servicer:
 authentication and authorisation, Prometheus metrics, one access-log line.
 
 Per call, in order: count it in flight; for MaxEntService methods (health and
@@ -7,6 +7,10 @@ unknown), decode the request and check the token's role and run patterns
 against the method and ``request.run_id`` (PERMISSION_DENIED before the
 servicer runs, so a refused call changes nothing); run the servicer; encode
 the response; record metrics and log one line with the final status code.
+
+Server-streaming MaxEntService methods (WatchRun) get the same checks before
+their first message and one metrics count and log line when the stream ends;
+health Watch and reflection pass through untouched.
 
 The wrapped handler takes and returns raw bytes so that the sizes in metrics
 and logs are the real wire sizes, at no extra cost.
@@ -51,10 +55,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
-            # Streaming methods are health Watch and reflection: open, not counted.
-            return handler
+        if handler is None or handler.request_streaming:
+            return handler  # reflection: open, not counted
         service, method = _split(handler_call_details.method)
+        if handler.response_streaming:
+            if service != MAXENT_SERVICE:
+                return handler  # health Watch: open, not counted
+            return grpc.unary_stream_rpc_method_handler(self._wrap_stream(handler, service, method))
         return grpc.unary_unary_rpc_method_handler(self._wrap(handler, service, method))
 
     def _wrap(self, handler, service: str, method: str):
@@ -95,6 +102,55 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     metrics.observe_response(method, request, getattr(response, "message", response))
                 return out
             except asyncio.CancelledError:
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                seconds = time.perf_counter() - started
+                if metrics is not None:
+                    metrics.call_finished(service, method, code.name, seconds, len(raw), response_bytes)
+                if self.access_log:
+                    _log_call(service, method, code, seconds, raw, response_bytes, request, principal, context)
+
+        return behavior
+
+    def _wrap_stream(self, handler, service: str, method: str):
+        """A server-streaming MaxEntService method (WatchRun): the same checks
+        before the first message, counted as one call, one log line when the
+        stream ends; response_bytes is the sum of its messages."""
+        inner = handler.unary_stream
+        deserialize = handler.request_deserializer
+        serialize = handler.response_serializer
+        protected = self.authorizer is not None
+        metrics = self.metrics
+
+        async def behavior(raw: bytes, context: grpc.aio.ServicerContext):
+            started = time.perf_counter()
+            if metrics is not None:
+                metrics.call_started(service, method)
+            code = grpc.StatusCode.OK
+            principal: Principal | None = None
+            request = None
+            response_bytes = 0
+            try:
+                if protected:
+                    principal = self.authorizer.authenticate(context.invocation_metadata())
+                    if principal is None:
+                        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+                request = deserialize(raw) if deserialize is not None else raw
+                if principal is not None:
+                    denial = Authorizer.denial(principal, method, getattr(request, "run_id", ""))
+                    if denial is not None:
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
+                async for response in inner(request, context):
+                    out = serialize(response) if serialize is not None else response
+                    response_bytes += len(out)
+                    yield out
+            except (asyncio.CancelledError, GeneratorExit):
                 remaining = context.time_remaining()
                 expired = remaining is not None and remaining <= 0
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED

@@ -58,6 +58,7 @@ MAXENT_METHODS = (
     "ComputeStepStatistics",
     "UpdateController",
     "ListRewardFunctions",
+    "WatchRun",
 )
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 REWARD_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -91,8 +92,13 @@ RUN_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("reward_std", "maxent_run_reward_std",
      "Standard deviation of the utilities of the last ComputeRewardStatistics batch of the run."),
     ("version", "maxent_run_controller_version", "Number of accepted controller updates of the run."),
+    ("target_unreachable", "maxent_run_target_unreachable",
+     "1 when the run's target entropy is above the maximum possible weight entropy last reported, else 0."),
+    ("tau_bound_steps", "maxent_run_tau_bound_steps",
+     "Consecutive applied controller steps of the run that ended with tau at tau_min or tau_max."),
 )
-_CONTROLLER_KEYS = frozenset({"tau", "beta", "entropy_ema", "target_entropy", "measured_kl", "version"})
+_CONTROLLER_KEYS = frozenset({"tau", "beta", "entropy_ema", "target_entropy", "measured_kl", "version",
+                              "target_unreachable", "tau_bound_steps"})
 
 
 class RunGauges(Collector):
@@ -164,6 +170,8 @@ def _state_values(state) -> dict[str, float | None]:
         "measured_kl": state.last_measured_kl if has("last_measured_kl") else None,
         "weight_entropy": state.last_weight_entropy if has("last_weight_entropy") else None,
         "version": state.version,
+        "target_unreachable": 1.0 if state.target_unreachable else 0.0,
+        "tau_bound_steps": state.tau_bound_steps,
     }
 
 
@@ -239,6 +247,16 @@ class Metrics:
             "UpdateController calls answered from an earlier application of the same request_id.",
             registry=r,
         )
+        self.controller_stale = Counter(
+            "maxent_controller_stale_reports",
+            "UpdateController reports for a step at or below the last applied one, which changed nothing.",
+            registry=r,
+        )
+        self.controller_pooled = Counter(
+            "maxent_controller_pooled_reports",
+            "UpdateController reports pooled while their step waits for more reporters (not applied yet).",
+            registry=r,
+        )
         info = Gauge("maxent_build_info", "Version of this server; always 1.", ["version"], registry=r)
         info.labels(version=__version__).set(1)
         self.runs = RunGauges(max_runs)
@@ -272,8 +290,13 @@ class Metrics:
         if method == "UpdateController":
             if response.replayed:
                 self.controller_replays.inc()
+            elif response.stale:
+                self.controller_stale.inc()
             else:
-                self.controller_updates.inc()
+                if response.applied:
+                    self.controller_updates.inc()
+                else:
+                    self.controller_pooled.inc()
                 self.runs.update(request.run_id, _state_values(response.state))
         elif method in ("CreateRun", "GetRun"):
             self.runs.update(response.run.run_id, _state_values(response.run.state))

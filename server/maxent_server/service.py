@@ -23,11 +23,21 @@ from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from maxent_client._wire import decode, encode, fill
 
 from . import convert
-from .engine import ControllerUpdate, Engine, RewardOptions, RunConfig, SeedGrpoSettings, WeightOptions, apply_update
+from .engine import (
+    ControllerUpdate,
+    Engine,
+    EntropyScope,
+    RewardOptions,
+    RunConfig,
+    SeedGrpoSettings,
+    WeightOptions,
+)
 from .engine import combine_rewards
+from .engine import pooling
 from .engine.answers import final_answer
-from .errors import RewardFailures, translate_errors
-from .store import RunRecord, RunStore
+from .engine.pooling import ReportResult
+from .errors import RewardFailures, translate_errors, translate_stream_errors
+from .store import RunNotFound, RunRecord, RunStore, StoreUnavailable
 from .validation import MAX_PAGE_SIZE, MAX_REQUEST_ID_LENGTH, Violations
 
 T = TypeVar("T")
@@ -38,6 +48,12 @@ DEFAULT_PAGE_SIZE = 100
 # the two thread switches of handing them to the compute pool. Larger batches,
 # reward functions and reads of a remote store go to the pools.
 INLINE_MAX_COMPLETIONS = 32_768
+# WatchRun polls the store's state history this often (local SQLite; a
+# remote store costs a round trip, so less often) and reads at most
+# WATCH_BATCH versions per poll.
+WATCH_POLL_SECONDS = 0.02
+WATCH_POLL_SECONDS_REMOTE = 0.04
+WATCH_BATCH = 256
 
 
 class EncodedResponse:
@@ -105,8 +121,17 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         self._reward_pool = ThreadPoolExecutor(reward_threads, thread_name_prefix="maxent-rewards",
                                                initializer=engine.prepare_thread)
         self._store_pool = ThreadPoolExecutor(store_threads, thread_name_prefix="maxent-store")
+        # Set when the server starts draining: WatchRun streams end at once.
+        self._closing = threading.Event()
+
+    def begin_shutdown(self) -> None:
+        """The server stops taking calls: open WatchRun streams end with
+        UNAVAILABLE within one poll, so they never hold the grace period
+        (their clients resume elsewhere or after the restart)."""
+        self._closing.set()
 
     def shutdown(self) -> None:
+        self._closing.set()
         for pool in (self._compute, self._reward_pool, self._store_pool):
             pool.shutdown(wait=True)
 
@@ -123,9 +148,13 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         v = Violations()
         v.run_id(request.run_id)
         _check_config(v, request.config)
+        if request.HasField("initial_state"):
+            _check_initial_state(v, request.initial_state, request.config)
         v.raise_if_any()
         config = convert.config_from_proto(request.config)
-        record, _ = await self._run(self._store_pool, self.store.create_run, request.run_id, config, self.clock())
+        now = self.clock()
+        initial = convert.state_from_proto(request.initial_state, now) if request.HasField("initial_state") else None
+        record, _ = await self._run(self._store_pool, self.store.create_run, request.run_id, config, now, initial)
         return pb.CreateRunResponse(run=convert.run_to_proto(record))
 
     @translate_errors
@@ -224,7 +253,7 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
             per_reward = per_reward if "per_reward" in wanted else []
         response = pb.ComputeStepStatisticsResponse(
             per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std,
-            **_weight_scalars(weights, record.state),
+            **_weight_scalars(weights, record),
         )
         return EncodedResponse(response, **arrays)
 
@@ -286,20 +315,30 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         options = _weight_options(record, request)
         sizes, q, ref, counts, advantages = _parse_weight_inputs(request, options)
         stats = self.engine.weight_stats(sizes, q, ref, counts, options, advantages=advantages)
-        response = pb.ComputeWeightStatsResponse(**_weight_scalars(stats, record.state))
+        response = pb.ComputeWeightStatsResponse(**_weight_scalars(stats, record))
         return EncodedResponse(response, **_weight_arrays(stats))
 
     # -- controller ----------------------------------------------------------------
 
     @translate_errors
     async def UpdateController(self, request, context) -> pb.UpdateControllerResponse:
-        update, expected = _parse_update(request)
-        step = lambda config, state: apply_update(config, state, update, self.clock())  # noqa: E731
+        update, expected, reporter, samples = _parse_update(request)
+        results: list[ReportResult] = []  # the store may run `step` more than once: the last run is what it wrote
+
+        def step(config: RunConfig, state):
+            state, result = pooling.report(
+                config, state, update, self.clock(), reporter_id=reporter, sample_count=samples
+            )
+            results.append(result)
+            return state
+
         outcome = await self._run(
             self._store_pool, self.store.update_controller, request.run_id, request.request_id, expected, step
         )
+        result = results[-1] if results and not outcome.replayed else ReportResult()
         return pb.UpdateControllerResponse(
-            state=convert.state_to_proto(request.run_id, outcome.state), replayed=outcome.replayed
+            state=convert.state_to_proto(request.run_id, outcome.state), replayed=outcome.replayed,
+            stale=result.stale, applied=result.applied, partial=result.partial,
         )
 
     @translate_errors
@@ -321,6 +360,65 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
                 for f in functions
             ]
         )
+
+    # -- watching ------------------------------------------------------------------
+
+    @translate_stream_errors
+    async def WatchRun(self, request: pb.WatchRunRequest, context):
+        """The run's state at since_version + 1 (from the store's history) or
+        the current state, then every later version in order, found by
+        polling the store's history (which every replica writes with the
+        state itself, so nothing is skipped whichever replica applied it)."""
+        v = Violations()
+        v.run_id(request.run_id)
+        if request.since_version < 0:
+            v.add("since_version", "must be >= 0")
+        v.raise_if_any()
+        run_id = request.run_id
+        poll = WATCH_POLL_SECONDS if self.store.local_reads else WATCH_POLL_SECONDS_REMOTE
+        while True:
+            try:
+                current = (await self._watch_read(self.store.get_run, run_id)).state
+                break
+            except RunNotFound:
+                if not request.wait_for_run:
+                    raise
+            await self._watch_pause(poll)
+        since = request.since_version
+        if since == 0:
+            first = [current]
+        else:
+            held = await self._watch_read(self.store.states_since, run_id, since, WATCH_BATCH)
+            if held and held[0].version == since + 1:
+                first = held
+            elif current.version > since:
+                first = [current]  # the history no longer holds since_version + 1
+            else:
+                first = []  # the caller is up to date: wait for the next version
+        last = since
+        for state in first:
+            yield pb.WatchRunResponse(state=convert.state_to_proto(run_id, state))
+            last = max(last, state.version)
+        while True:
+            await self._watch_pause(poll)
+            states = await self._watch_read(self.store.states_since, run_id, last, WATCH_BATCH)
+            for state in states:
+                if state.version > last:
+                    yield pb.WatchRunResponse(state=convert.state_to_proto(run_id, state))
+                    last = state.version
+
+    async def _watch_read(self, fn: Callable[..., T], *args) -> T:
+        """A store read for WatchRun: on the event loop when the store reads
+        local storage without waiting (SQLite), else in the store pool."""
+        if self.store.local_reads:
+            return fn(*args)
+        return await self._run(self._store_pool, fn, *args)
+
+    async def _watch_pause(self, seconds: float) -> None:
+        if not self._closing.is_set():
+            await asyncio.sleep(seconds)
+        if self._closing.is_set():
+            raise StoreUnavailable("the server is shutting down; watch again to resume from the last version")
 
 
 # -- request parsing -------------------------------------------------------------
@@ -356,15 +454,28 @@ def _reward_arrays(stats, failed) -> dict[str, Any]:
     )
 
 
-def _weight_scalars(stats, state) -> dict[str, Any]:
-    return dict(
+def _weight_scalars(stats, record: RunRecord) -> dict[str, Any]:
+    """The scalar fields of a weights response: entropies, the mixed-group
+    ones, and the pair the run's entropy_scope tells a trainer to report."""
+    state, scope = record.state, stats.scope
+    mixed = record.config.entropy_scope is EntropyScope.MIXED_GROUPS
+    fields = dict(
         weight_entropy=stats.weight_entropy,
         weight_entropy_min=stats.weight_entropy_min,
         weight_entropy_max=stats.weight_entropy_max,
         tau=state.tau,
         beta=state.beta,
         controller_version=state.version,
+        max_weight_entropy=scope.max_entropy,
+        mixed_group_count=scope.mixed_count,
+        controller_max_weight_entropy=scope.mixed_max_entropy if mixed else scope.max_entropy,
     )
+    if scope.mixed_entropy is not None:
+        fields["mixed_weight_entropy"] = scope.mixed_entropy
+    controller_entropy = scope.mixed_entropy if mixed else (stats.weight_entropy if scope.groups else None)
+    if controller_entropy is not None:
+        fields["controller_weight_entropy"] = controller_entropy
+    return fields
 
 
 def _weight_arrays(stats) -> dict[str, Any]:
@@ -419,13 +530,48 @@ def _check_config(v: Violations, config: pb.WeightingConfig) -> None:
             v.add(prefix + "q_epsilon", "must be <= 1")
     if config.tau_warmup_steps < 0:
         v.add(prefix + "tau_warmup_steps", "must be >= 0")
+    if config.reporters_per_step < 0:
+        v.add(prefix + "reporters_per_step", "must be >= 0")
     if config.tau_max > 0 and config.tau_max < config.tau_min:
         v.add(prefix + "tau_max", "must be >= tau_min (or <= 0 for no upper bound)")
     if not convert.known_denominator(config.denominator):
         v.add(prefix + "denominator", f"unknown WeightDenominator value {config.denominator}")
     _check_advantage_options(v, config, prefix)
+    if config.entropy_scope not in convert.ENTROPY_SCOPES:
+        v.add(prefix + "entropy_scope", f"unknown EntropyScope value {config.entropy_scope}")
     if not config.train_grpo_objective and config.tau + config.beta <= 0:
         v.add(prefix + "tau", "tau + beta must be > 0 for MaxEnt weights (or set train_grpo_objective)")
+    elif not config.train_grpo_objective and config.denominator == pb.WEIGHT_DENOMINATOR_TAU and config.tau <= 0:
+        v.add(prefix + "tau", "must be > 0 with the tau denominator (WEIGHT_DENOMINATOR_TAU divides by tau)")
+    if config.HasField("target_entropy_ratio"):
+        ratio = config.target_entropy_ratio
+        if v.finite(prefix + "target_entropy_ratio", ratio) and not 0.0 < ratio <= 1.0:
+            v.add(prefix + "target_entropy_ratio", f"must be in (0, 1], got {ratio!r}")
+        absolute = [n for n in ("target_entropy", "target_entropy_start", "target_entropy_final") if config.HasField(n)]
+        if absolute:
+            v.add(prefix + "target_entropy_ratio", f"is exclusive with {', '.join(absolute)}; set one kind of target")
+
+
+def _check_initial_state(v: Violations, state: pb.ControllerState, config: pb.WeightingConfig) -> None:
+    """An imported controller state: finite numbers, tau and beta >= 0 (tau
+    > 0 where the config needs it), counters >= 0."""
+    prefix = "initial_state."
+    tau_ok = v.at_least(prefix + "tau", state.tau, 0.0)
+    beta_ok = v.at_least(prefix + "beta", state.beta, 0.0)
+    v.finite(prefix + "tau_log", state.tau_log)
+    for name in ("entropy_ema", "active_target_entropy", "last_weight_entropy", "last_measured_kl"):
+        if state.HasField(name):
+            v.finite(prefix + name, getattr(state, name))
+    if state.HasField("last_max_weight_entropy"):
+        v.at_least(prefix + "last_max_weight_entropy", state.last_max_weight_entropy, 0.0)
+    for name in ("global_step", "version", "tau_bound_steps"):
+        if getattr(state, name) < 0:
+            v.add(prefix + name, "must be >= 0")
+    if tau_ok and beta_ok and not config.train_grpo_objective:
+        if state.tau + state.beta <= 0:
+            v.add(prefix + "tau", "tau + beta must be > 0 for MaxEnt weights (or set train_grpo_objective)")
+        elif config.denominator == pb.WEIGHT_DENOMINATOR_TAU and state.tau <= 0:
+            v.add(prefix + "tau", "must be > 0 with the tau denominator (WEIGHT_DENOMINATOR_TAU divides by tau)")
 
 
 def _check_group_arrays(v: Violations, request, name: str, kind: Callable, n: int, *, required: bool, finite=False, non_negative=False):
@@ -586,7 +732,8 @@ def _parse_reference(v: Violations, request, options: WeightOptions, n: int):
     return ref, counts
 
 
-def _parse_update(request) -> tuple[ControllerUpdate, int | None]:
+def _parse_update(request) -> tuple[ControllerUpdate, int | None, str, float]:
+    """The update, expected_version, reporter_id and sample_count of a request."""
     v = Violations()
     v.run_id(request.run_id)
     if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
@@ -600,11 +747,18 @@ def _parse_update(request) -> tuple[ControllerUpdate, int | None]:
             v.finite(name, optional[name])
     if optional.get("lr_scale", 1.0) < 0:
         v.add("lr_scale", "must be >= 0")
+    if request.HasField("max_weight_entropy"):
+        optional["max_weight_entropy"] = request.max_weight_entropy
+        v.at_least("max_weight_entropy", request.max_weight_entropy, 0.0)
+    if len(request.reporter_id) > MAX_REQUEST_ID_LENGTH:
+        v.add("reporter_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
+    samples = request.sample_count if request.HasField("sample_count") else 1.0
+    v.at_least("sample_count", samples, 0.0, strict=True)
     expected = request.expected_version if request.HasField("expected_version") else None
     if expected is not None and expected < 0:
         v.add("expected_version", "must be >= 0")
     v.raise_if_any()
-    return ControllerUpdate(global_step=request.global_step, **optional), expected
+    return ControllerUpdate(global_step=request.global_step, **optional), expected, request.reporter_id, samples
 
 
 def _failure_list(terms, evaluation) -> list[tuple[str, str]]:

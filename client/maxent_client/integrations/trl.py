@@ -63,6 +63,10 @@ DEFAULT_ANSWER_COLUMNS = ("answer", "solution", "ground_truth", "gold")
 
 OUTPUTS = ("utilities", "advantages", "weights")
 
+#: Logged by MaxEntRewardFunction: the weight entropy the run's entropy_scope
+#: selects. MaxEntControllerCallback sends it in preference to entropy_key.
+SCOPED_ENTROPY_KEY = "maxent/controller_weight_entropy"
+
 # Keyword arguments TRL adds for every reward function that are not dataset columns.
 _TRL_KWARGS = {"trainer_state", "log_extra", "log_metric", "environments", "completion_ids"}
 
@@ -271,6 +275,10 @@ class MaxEntRewardFunction:
             log_metric(f"{prefix}{name}/failures", float(values.failure_count))
         if weights is not None:
             log_metric(prefix + "weight_entropy", float(weights.weight_entropy))
+            # what the run's entropy_scope selects (NaN: no group in scope, nothing to send)
+            scoped = weights.controller_weight_entropy
+            log_metric(prefix + "controller_weight_entropy", math.nan if scoped is None else float(scoped))
+            log_metric(prefix + "max_weight_entropy", float(weights.controller_max_weight_entropy))
             log_metric(prefix + "tau", float(weights.tau))
             log_metric(prefix + "beta", float(weights.beta))
 
@@ -362,6 +370,8 @@ class _ControllerCallbackMixin:
         kl_key: str = "kl",
         entropy_key: str = "maxent/weight_entropy",
         request_id_prefix: str | None = None,
+        reporter_id: str | None = None,
+        sample_count_key: str | None = None,
         send_without_measurements: bool = False,
         on_state: Callable[[ControllerState], None] | None = None,
         accelerator: Any = None,
@@ -372,6 +382,10 @@ class _ControllerCallbackMixin:
         self.kl_key = kl_key
         self.entropy_key = entropy_key
         self.request_id_prefix = request_id_prefix or f"trl-{uuid.uuid4().hex[:16]}"
+        # who reports: one stable name per job, pooled with other jobs' reports on a run
+        # with reporters_per_step > 1 (docs/integrations.md, "Several jobs, one run")
+        self.reporter_id = reporter_id or self.request_id_prefix
+        self.sample_count_key = sample_count_key
         self.send_without_measurements = send_without_measurements
         self.on_state = on_state
         self.accelerator = accelerator
@@ -396,7 +410,9 @@ class _ControllerCallbackMixin:
         """(weight_entropy, measured_kl) to send for these logs, or None to send nothing."""
         if not logs or any(str(key).startswith("eval_") for key in logs):
             return None
-        entropy, kl = _finite(logs.get(self.entropy_key)), _finite(logs.get(self.kl_key))
+        # the entropy the run's entropy_scope selects, when MaxEntRewardFunction logged it
+        key = SCOPED_ENTROPY_KEY if SCOPED_ENTROPY_KEY in logs else self.entropy_key
+        entropy, kl = _finite(logs.get(key)), _finite(logs.get(self.kl_key))
         if entropy is None and kl is None and not self.send_without_measurements:
             return None
         return entropy, kl
@@ -408,8 +424,12 @@ class _ControllerCallbackMixin:
         entropy, kl = measured
         step = int(state.global_step)
         update_args = {"global_step": step, "weight_entropy": entropy, "measured_kl": kl,
+                       "max_weight_entropy": _finite(logs.get("maxent/max_weight_entropy")),
                        # one id per job and step: a repeated log of a step is a replay, not a second update
-                       "request_id": f"{self.request_id_prefix}:{step}"}
+                       "request_id": f"{self.request_id_prefix}:{step}", "reporter_id": self.reporter_id}
+        if self.sample_count_key is not None:
+            count = _finite(logs.get(self.sample_count_key))
+            update_args["sample_count"] = count if count is not None and count > 0 else None
         if self.timeout is not None:
             update_args["timeout"] = self.timeout
         if self.accelerator is not None and int(self.accelerator.num_processes) > 1:
@@ -455,6 +475,13 @@ def _callback_class() -> type:
             (prefix random per callback unless given): give a fixed prefix to a
             job that resumes from a checkpoint so that a step it logs again is a
             replay rather than a second update.
+
+            Each update names its reporter, ``reporter_id`` (default: the
+            request id prefix): several jobs on one run with
+            ``reporters_per_step`` = their number have their reports pooled into
+            one controller step. ``sample_count_key`` names the log entry holding
+            the samples behind the step's measurements (the pooling weight;
+            default 1 each).
             """
 
         MaxEntControllerCallback.__module__ = __name__

@@ -57,7 +57,14 @@ from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, uns
 
 from ..client import MaxEntClient
 from ..models import RewardTerm, StepStatistics, UpdateResult
-from ..training import active_group_mask, controller_request_id, k3_kl_terms, listwise_maxent_loss, sequence_logprobs
+from ..training import (
+    active_group_mask,
+    controller_reporter_id,
+    controller_request_id,
+    k3_kl_terms,
+    listwise_maxent_loss,
+    sequence_logprobs,
+)
 from .accelerate import MainProcessClient
 from .trl import DEFAULT_ANSWER_COLUMNS, _as_text, completion_text
 
@@ -230,7 +237,9 @@ class MaxEntGRPOTrainer(GRPOTrainer):
         self._policy_logps: torch.Tensor | None = None
         self._kl_terms = [0.0, 0]
         self._entropies: list[float] = []
+        self._max_entropies: list[float] = []
         self._entropies_used = False
+        self._step_completions = 0  # completions behind self._entropies: the report's sample count
         self._warned_reference = False
         self.add_callback(_ControllerStep(self))
 
@@ -371,8 +380,13 @@ class MaxEntGRPOTrainer(GRPOTrainer):
                     metrics[f"maxent/{term}/mean"].append(float(finite.mean()))
         if mode == "train":
             if self._entropies_used:
-                self._entropies, self._entropies_used = [], False
-            self._entropies.append(stats.weight_entropy)
+                self._entropies, self._max_entropies, self._step_completions = [], [], 0
+                self._entropies_used = False
+            # the entropy the run's entropy_scope selects; none when no group is in scope
+            if stats.controller_weight_entropy is not None:
+                self._entropies.append(stats.controller_weight_entropy)
+                self._max_entropies.append(stats.controller_max_weight_entropy)
+            self._step_completions += int(np.sum(stats.group_sizes))
 
     # -- micro-batches of whole groups ------------------------------------------------
 
@@ -448,11 +462,15 @@ class MaxEntGRPOTrainer(GRPOTrainer):
         step = int(self.state.global_step)
         kl = self._step_kl()
         entropy = float(np.mean(self._entropies)) if self._entropies else None
+        max_entropy = float(np.mean(self._max_entropies)) if self._max_entropies else None
         self._entropies_used = True
         request_id = controller_request_id(self.run_id, self.job_name, step)
+        # the job's report: pooled with other jobs' on a run with reporters_per_step > 1
+        report = {"reporter_id": controller_reporter_id(self.job_name),
+                  "sample_count": float(self._step_completions) if self._step_completions else None}
         self.last_update = self.maxent_service.update_controller(
             self.run_id, global_step=step, weight_entropy=entropy, measured_kl=kl, request_id=request_id,
-            timeout=self.timeout)
+            max_weight_entropy=max_entropy, **report, timeout=self.timeout)
         if kl is not None:
             self._metrics["train"]["maxent/kl"].append(kl)
         return self.last_update

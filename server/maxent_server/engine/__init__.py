@@ -1,6 +1,6 @@
 """The MaxEnt-GRPO math: no gRPC, no storage; torch over whole ragged batches."""
 
-from .controller import ControllerState, ControllerUpdate, Denominator, RunConfig, apply_update
+from .controller import ControllerState, ControllerUpdate, Denominator, EntropyScope, RunConfig, apply_update
 from .core import Engine, RewardOptions, RewardStatistics, WeightOptions, WeightStats, combine_rewards, resolve_device
 from .statistics import Baseline, Scaling, SeedGrpoSettings
 
@@ -10,6 +10,7 @@ __all__ = [
     "ControllerState",
     "ControllerUpdate",
     "Denominator",
+    "EntropyScope",
     "Engine",
     "RewardOptions",
     "RewardStatistics",

@@ -21,7 +21,7 @@ from .statistics import (
     seed_advantage_scales,
     zero_variance_groups,
 )
-from .weights import entropy_summary, maxent_weights, zero_entropy_summary
+from .weights import ScopeSummary, entropy_summary, maxent_weights, scope_summary, zero_entropy_summary
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -78,6 +78,7 @@ class WeightStats:
     weight_entropy_min: float
     weight_entropy_max: float
     advantage_entropy: np.ndarray
+    scope: ScopeSummary | None = None  # the mixed-group and maximum entropies
 
 
 def combine_rewards(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -211,9 +212,10 @@ class Engine:
         seg = Segments.from_sizes(group_sizes, self.device)
         r = self._reward_tensors(seg, utilities, reward_options, valid, token_counts, truncated, gen_logp_sum, answers)
         w = self._weight_tensors(seg, r.q, ref_logp_sum, ref_token_counts, weight_options, r.advantages)
+        weights, summary, scope = w
         host = self._host(r.utilities, r.advantages, r.q, r.entropies, r.scales, r.zero_variance,
-                          w[0], w[1].group_entropies, w[1].advantage_entropy)
-        return self._reward_result(r, *host[:6]), self._weight_result(w[1], *host[6:])
+                          weights, summary.group_entropies, summary.advantage_entropy)
+        return self._reward_result(r, *host[:6]), self._weight_result(summary, scope, *host[6:])
 
     def weight_stats(
         self,
@@ -229,15 +231,16 @@ class Engine:
         seg = Segments.from_sizes(group_sizes, self.device)
         q = None if options.train_grpo_objective else self._per_completion(seg, q_values)
         a = self._per_completion(seg, advantages) if options.train_grpo_objective else None
-        w, summary = self._weight_tensors(seg, q, ref_logp_sum, ref_token_counts, options, a)
-        return self._weight_result(summary, *self._host(w, summary.group_entropies, summary.advantage_entropy))
+        w, summary, scope = self._weight_tensors(seg, q, ref_logp_sum, ref_token_counts, options, a)
+        return self._weight_result(summary, scope, *self._host(w, summary.group_entropies, summary.advantage_entropy))
 
     def _weight_tensors(self, seg: Segments, q: torch.Tensor | None, ref_logp_sum, ref_token_counts,
                         options: WeightOptions, advantages: torch.Tensor | None):
-        """(weights, entropy summary) as tensors."""
+        """(weights, entropy summary, scope summary); the first two as tensors."""
         if options.train_grpo_objective:
             assert advantages is not None
-            return advantages, zero_entropy_summary(seg, advantages)
+            summary = zero_entropy_summary(seg, advantages)
+            return advantages, summary, scope_summary(seg, summary.group_entropies, advantages)
         counts = (
             self._per_completion(seg, ref_token_counts, torch.int64)
             if ref_token_counts is not None
@@ -260,10 +263,11 @@ class Engine:
             include_reference_term=options.include_reference_term,
             normalize_by_tokens=options.normalize_by_tokens,
         )
-        return w, entropy_summary(seg, w)
+        summary = entropy_summary(seg, w)
+        return w, summary, scope_summary(seg, summary.group_entropies, q)
 
     @staticmethod
-    def _weight_result(summary, weights: np.ndarray, group_entropies: np.ndarray,
+    def _weight_result(summary, scope: ScopeSummary, weights: np.ndarray, group_entropies: np.ndarray,
                        advantage_entropy: np.ndarray) -> WeightStats:
         return WeightStats(
             weights=weights,
@@ -272,6 +276,7 @@ class Engine:
             weight_entropy_min=summary.min,
             weight_entropy_max=summary.max,
             advantage_entropy=advantage_entropy,
+            scope=scope,
         )
 
 

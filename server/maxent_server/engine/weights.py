@@ -60,6 +60,43 @@ def entropy_summary(seg: Segments, weights: torch.Tensor) -> EntropySummary:
     return EntropySummary(entropies, mean, low, high, advantage)
 
 
+# A group's q counts as constant when max - min is at most this.
+CONSTANT_Q_TOLERANCE = 1e-8
+
+
+@dataclass(frozen=True)
+class ScopeSummary:
+    """Which groups tau can act on, and the entropies over them."""
+
+    groups: int  # non-empty groups
+    max_entropy: float  # mean of log K_g over non-empty groups
+    mixed_entropy: float | None  # mean group entropy over mixed groups; None without any
+    mixed_count: int
+    mixed_max_entropy: float  # mean of log K_g over mixed groups (0 without any)
+
+
+def scope_summary(seg: Segments, group_entropies: torch.Tensor, targets: torch.Tensor) -> ScopeSummary:
+    """Mixed groups are those whose `targets` (q, or the GRPO advantages) are
+    not constant (max - min > 1e-8): only their weights depend on tau."""
+    dtype = group_entropies.dtype
+    nonempty = seg.sizes > 0
+    spread = seg.max(targets) + seg.max(-targets)  # max - min; -inf for an empty group
+    mixed = (nonempty & (spread > CONSTANT_Q_TOLERANCE)).to(dtype)
+    log_k = torch.log(seg.sizes.clamp(min=1).to(dtype))
+    present = nonempty.to(dtype)
+    sums = torch.stack(((log_k * present).sum(), present.sum(), (group_entropies * mixed).sum(), mixed.sum(),
+                        (log_k * mixed).sum()))
+    log_k_total, groups, mixed_entropy, mixed_count, mixed_log_k = sums.tolist()  # one device sync
+    count = int(mixed_count)
+    return ScopeSummary(
+        groups=int(groups),
+        max_entropy=log_k_total / groups if groups else 0.0,
+        mixed_entropy=mixed_entropy / count if count else None,
+        mixed_count=count,
+        mixed_max_entropy=mixed_log_k / count if count else 0.0,
+    )
+
+
 def zero_entropy_summary(seg: Segments, like: torch.Tensor) -> EntropySummary:
     """Entropy statistics under the GRPO objective: all zero."""
     return EntropySummary(

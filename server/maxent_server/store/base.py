@@ -69,9 +69,13 @@ class RunStore(abc.ABC):
     local_reads: bool = False
 
     @abc.abstractmethod
-    def create_run(self, run_id: str, config: RunConfig, now: float) -> tuple[RunRecord, bool]:
-        """Create a run; return (record, created). An identical existing run is
-        returned with created=False; a different one raises RunConflict."""
+    def create_run(
+        self, run_id: str, config: RunConfig, now: float, initial_state: ControllerState | None = None
+    ) -> tuple[RunRecord, bool]:
+        """Create a run; return (record, created). Its controller starts from
+        `initial_state` when given (an import), else fresh from the config. An
+        existing run with the same config is returned with created=False
+        (whatever its state); another config raises RunConflict."""
 
     @abc.abstractmethod
     def get_run(self, run_id: str) -> RunRecord:
@@ -83,7 +87,7 @@ class RunStore(abc.ABC):
 
     @abc.abstractmethod
     def delete_run(self, run_id: str) -> None:
-        """Delete a run and its request ids, or raise RunNotFound."""
+        """Delete a run, its request ids and its state history, or raise RunNotFound."""
 
     @abc.abstractmethod
     def update_controller(
@@ -93,6 +97,15 @@ class RunStore(abc.ABC):
         returning. A request_id already applied returns the state it produced
         (replayed=True) and applies nothing; a mismatched expected_version
         raises VersionMismatch."""
+
+    @abc.abstractmethod
+    def states_since(self, run_id: str, version: int, limit: int) -> list[ControllerState]:
+        """The run's states with version > `version`, ascending, at most
+        `limit` of them, from the history every update that raises the
+        version writes in the same atomic write as the state (the last
+        `retention` versions are kept). RunNotFound for an unknown run. A
+        version older than the history holds is simply missing: the caller
+        compares the first version with the one it wanted."""
 
     def ping(self) -> None:
         """Raise StoreUnavailable when the backend cannot be reached."""

@@ -11,6 +11,8 @@ deployments can share one Redis:
                     claimant, claim_until while a writer holds the turn)
     P:req:ID        hash: request id -> the state that request produced
     P:reqv:ID       sorted set: request id scored by the version it produced
+    P:hist:ID       sorted set: each state (JSON) scored by its version, the
+                    last `retention` versions (WatchRun reads it)
 
 A controller update runs the Python step on the run's state and writes the
 new state with a Lua compare-and-set on `stamp`, a token that every create
@@ -261,8 +263,9 @@ redis.call('ZADD', KEYS[2], 0, ARGV[1])
 return {1}
 """
 
-# KEYS: run, req, reqv. ARGV: stamp read, new stamp, request id, new state,
-# new version, retention, ttl, claim (milliseconds, 0 for none).
+# KEYS: run, req, reqv, hist. ARGV: stamp read, new stamp, request id, new
+# state, new version, retention, ttl, claim (milliseconds, 0 for none),
+# '1' when the version rises (the state joins the history), else '0'.
 #   {'missing'}            the run is gone
 #   {'applied', state}     this very write is already in (a retried command)
 #   {'replayed', state}    the request id was applied before: nothing changes
@@ -295,6 +298,11 @@ if cur[1] ~= ARGV[1] or held then
 end
 if cur[4] then redis.call('HDEL', KEYS[1], 'claimant', 'claim_until') end
 redis.call('HSET', KEYS[1], 'stamp', ARGV[2], 'state', ARGV[4])
+if ARGV[9] == '1' then
+  local version = tonumber(ARGV[5])
+  redis.call('ZADD', KEYS[4], version, ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', version - tonumber(ARGV[6]))
+end
 if rid ~= '' then
   local version = tonumber(ARGV[5])
   redis.call('HSET', KEYS[2], rid, ARGV[4])
@@ -315,11 +323,11 @@ end
 return {'ok'}
 """
 
-# KEYS: run, req, reqv, runs. ARGV: run_id. 1 when deleted, 0 when missing.
+# KEYS: run, req, reqv, hist, runs. ARGV: run_id. 1 when deleted, 0 when missing.
 _DELETE = """
 if redis.call('DEL', KEYS[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[2], KEYS[3])
-redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[1])
 return 1
 """
 
@@ -419,9 +427,10 @@ class RedisStore(RunStore):
 
     # -- keys and helpers ------------------------------------------------------------
 
-    def _keys(self, run_id: str) -> tuple[str, str, str]:
+    def _keys(self, run_id: str) -> tuple[str, str, str, str]:
+        """run, req, reqv, hist (the order of _UPDATE's and _DELETE's KEYS)."""
         p = self.settings.prefix
-        return f"{p}:run:{run_id}", f"{p}:req:{run_id}", f"{p}:reqv:{run_id}"
+        return f"{p}:run:{run_id}", f"{p}:req:{run_id}", f"{p}:reqv:{run_id}", f"{p}:hist:{run_id}"
 
     def _stripe(self, run_id: str) -> threading.Lock:
         return self._stripes[zlib.crc32(run_id.encode()) % len(self._stripes)]
@@ -448,8 +457,11 @@ class RedisStore(RunStore):
 
     # -- RunStore ----------------------------------------------------------------------
 
-    def create_run(self, run_id: str, config: RunConfig, now: float) -> tuple[RunRecord, bool]:
-        record = RunRecord(run_id, config, ControllerState.initial(config, now), now)
+    def create_run(
+        self, run_id: str, config: RunConfig, now: float, initial_state: ControllerState | None = None
+    ) -> tuple[RunRecord, bool]:
+        state = initial_state if initial_state is not None else ControllerState.initial(config, now)
+        record = RunRecord(run_id, config, state, now)
         run_key = self._keys(run_id)[0]
         stamp = uuid.uuid4().hex
         with self._reachable("create run"):
@@ -517,7 +529,8 @@ class RedisStore(RunStore):
                     reply = self._update(
                         keys=list(keys),
                         args=[snap.stamp, stamp, request_id, _dump(new_state), new_state.version, self.retention,
-                              self.request_id_ttl, self.CLAIM_MS if losses >= self.CLAIM_AFTER else 0],
+                              self.request_id_ttl, self.CLAIM_MS if losses >= self.CLAIM_AFTER else 0,
+                              "1" if new_state.version > snap.state.version else "0"],
                     )
                 outcome = reply[0]
                 if outcome == "ok":
@@ -544,7 +557,7 @@ class RedisStore(RunStore):
                     losses += 1
 
     def _read_for_update(
-        self, run_id: str, keys: tuple[str, str, str], request_id: str
+        self, run_id: str, keys: tuple[str, ...], request_id: str
     ) -> tuple[ControllerState | None, "_Snapshot"]:
         with self._reachable("update controller"):
             pipe = self._redis.pipeline(transaction=False)
@@ -560,6 +573,19 @@ class RedisStore(RunStore):
         self._snapshots.put(run_id, snap)
         replayed = _state(replies[1]) if request_id and replies[1] is not None else None
         return replayed, snap
+
+    def states_since(self, run_id: str, version: int, limit: int) -> list[ControllerState]:
+        run_key, _, _, hist_key = self._keys(run_id)
+        if limit <= 0:
+            limit = 0
+        with self._reachable("read state history"):
+            pipe = self._redis.pipeline(transaction=True)  # MULTI: the run and its history at one instant
+            pipe.exists(run_key)
+            pipe.zrangebyscore(hist_key, f"({int(version)}", "+inf", start=0, num=limit)
+            exists, states = pipe.execute()
+        if not exists:
+            raise RunNotFound(run_id)
+        return [_state(text) for text in states][:limit]
 
     def ping(self) -> None:
         """Check Redis answers. The first call waits up to `startup_wait`

@@ -41,6 +41,12 @@ CREATE TABLE IF NOT EXISTS applied_requests (
     PRIMARY KEY (run_id, request_id)
 );
 CREATE INDEX IF NOT EXISTS applied_requests_by_version ON applied_requests (run_id, version);
+CREATE TABLE IF NOT EXISTS state_history (
+    run_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (run_id, version)
+) WITHOUT ROWID;
 """
 
 
@@ -96,14 +102,17 @@ class SqliteStore(RunStore):
         ).fetchone()
         return self._record(row) if row else None
 
-    def create_run(self, run_id: str, config: RunConfig, now: float) -> tuple[RunRecord, bool]:
+    def create_run(
+        self, run_id: str, config: RunConfig, now: float, initial_state: ControllerState | None = None
+    ) -> tuple[RunRecord, bool]:
         with self._lock, self._transaction():
             existing = self._fetch(run_id)
             if existing is not None:
                 if existing.config != config:
                     raise RunConflict(run_id)
                 return existing, False
-            record = RunRecord(run_id, config, ControllerState.initial(config, now), now)
+            state = initial_state if initial_state is not None else ControllerState.initial(config, now)
+            record = RunRecord(run_id, config, state, now)
             self._db.execute(
                 "INSERT INTO runs (run_id, config, state, create_time) VALUES (?, ?, ?, ?)",
                 (run_id, _dump(config), _dump(record.state), now),
@@ -129,6 +138,7 @@ class SqliteStore(RunStore):
             if self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,)).rowcount == 0:
                 raise RunNotFound(run_id)
             self._db.execute("DELETE FROM applied_requests WHERE run_id = ?", (run_id,))
+            self._db.execute("DELETE FROM state_history WHERE run_id = ?", (run_id,))
 
     def update_controller(
         self, run_id: str, request_id: str, expected_version: int | None, step: ControllerStep
@@ -148,6 +158,8 @@ class SqliteStore(RunStore):
             state = step(record.config, record.state)
             encoded = _dump(state)
             self._db.execute("UPDATE runs SET state = ? WHERE run_id = ?", (encoded, run_id))
+            if state.version > record.state.version:
+                self._record_history(run_id, state.version, encoded)
             if request_id:
                 self._db.execute(
                     "INSERT INTO applied_requests (run_id, request_id, version, state) VALUES (?, ?, ?, ?)",
@@ -158,6 +170,28 @@ class SqliteStore(RunStore):
                     (run_id, state.version - self.retention),
                 )
             return UpdateOutcome(state, replayed=False)
+
+    def _record_history(self, run_id: str, version: int, encoded: str) -> None:
+        """Inside the update's transaction: the new state by version (for
+        WatchRun), keeping the run's last `retention` versions."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO state_history (run_id, version, state) VALUES (?, ?, ?)",
+            (run_id, version, encoded),
+        )
+        self._db.execute(
+            "DELETE FROM state_history WHERE run_id = ? AND version <= ?", (run_id, version - self.retention)
+        )
+
+    def states_since(self, run_id: str, version: int, limit: int) -> list[ControllerState]:
+        # One statement, so one snapshot: the run exists and its history as of the same commit.
+        rows = self._reader().execute(
+            "SELECT h.state FROM runs r LEFT JOIN state_history h ON h.run_id = r.run_id AND h.version > ? "
+            "WHERE r.run_id = ? ORDER BY h.version LIMIT ?",
+            (version, run_id, max(limit, 1)),
+        ).fetchall()
+        if not rows:
+            raise RunNotFound(run_id)
+        return [ControllerState.from_dict(json.loads(row[0])) for row in rows[:limit] if row[0] is not None]
 
     def ping(self) -> None:
         with self._lock:
