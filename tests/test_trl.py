@@ -283,3 +283,18 @@ def reward_mixed_entropy(client, run_id) -> float:
     weights = client.compute_weight_stats(run_id, q_values=stats.q_values, group_sizes=[2, 2],
                                           include_reference_term=False)
     return weights.group_weight_entropies[0]
+
+
+def test_callback_sends_lr_scale_as_a_number_or_a_schedule(client, run_id):
+    client.create_run(run_id, WeightingConfig(tau=1.0, target_entropy=0.5, tau_lr=0.1))
+    state, control = TrainerState(), TrainerControl()
+    plain = MaxEntControllerCallback(client, run_id, request_id_prefix="plain", lr_scale=0.0)
+    state.global_step = 1
+    plain.on_log(None, state, control, logs={"maxent/weight_entropy": 0.9})
+    assert client.get_run(run_id).state.tau == 1.0  # lr_scale 0: the log-tau step is 0
+    scheduled = MaxEntControllerCallback(client, run_id, request_id_prefix="sched", lr_scale=lambda step: step / 2)
+    state.global_step = 2
+    scheduled.on_log(None, state, control, logs={"maxent/weight_entropy": 0.9})
+    # log tau moves by tau_lr * lr_scale * (target - EMA) with lr_scale = 1 at step 2
+    ema = 0.9  # both reports were 0.9
+    assert client.get_run(run_id).state.tau == pytest.approx(math.exp(0.1 * 1.0 * (0.5 - ema)))

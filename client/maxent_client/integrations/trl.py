@@ -372,6 +372,7 @@ class _ControllerCallbackMixin:
         request_id_prefix: str | None = None,
         reporter_id: str | None = None,
         sample_count_key: str | None = None,
+        lr_scale: float | Callable[[int], float] | None = None,
         send_without_measurements: bool = False,
         on_state: Callable[[ControllerState], None] | None = None,
         accelerator: Any = None,
@@ -386,6 +387,9 @@ class _ControllerCallbackMixin:
         # with reporters_per_step > 1 (docs/integrations.md, "Several jobs, one run")
         self.reporter_id = reporter_id or self.request_id_prefix
         self.sample_count_key = sample_count_key
+        # multiplies the run's tau_lr (and the meta learning rates) for each
+        # update: a number, or a function of the global step (a schedule)
+        self.lr_scale = lr_scale
         self.send_without_measurements = send_without_measurements
         self.on_state = on_state
         self.accelerator = accelerator
@@ -427,6 +431,8 @@ class _ControllerCallbackMixin:
                        "max_weight_entropy": _finite(logs.get("maxent/max_weight_entropy")),
                        # one id per job and step: a repeated log of a step is a replay, not a second update
                        "request_id": f"{self.request_id_prefix}:{step}", "reporter_id": self.reporter_id}
+        if self.lr_scale is not None:
+            update_args["lr_scale"] = float(self.lr_scale(step) if callable(self.lr_scale) else self.lr_scale)
         if self.sample_count_key is not None:
             count = _finite(logs.get(self.sample_count_key))
             update_args["sample_count"] = count if count is not None and count > 0 else None
@@ -470,6 +476,10 @@ def _callback_class() -> type:
             Trainer does). ``on_state(state)`` is called with each new state, e.g.
             ``on_state=lambda s: setattr(trainer, "beta", s.beta)`` to let the
             run's KL controller steer TRL's KL coefficient.
+
+            ``lr_scale`` (a number, or a function of the global step) is sent
+            with each update: it multiplies the run's tau_lr on the log-tau
+            step, and the meta controller's learning rates.
 
             Each update's request id is ``f"{request_id_prefix}:{global_step}"``
             (prefix random per callback unless given): give a fixed prefix to a
