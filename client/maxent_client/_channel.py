@@ -74,6 +74,10 @@ class ChannelSettings:
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.keepalive_permit_without_calls", 0),
             ("grpc.http2.max_pings_without_data", 0),  # keep pinging a quiet stream
+            # Each client its own connections: a connection that another
+            # channel in this process left failing (a server gone from the
+            # same address) is never handed to this one.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if self.max_attempts >= 2:  # gRPC's retry policy needs at least two attempts
             options += [

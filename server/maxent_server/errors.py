@@ -72,14 +72,23 @@ def translate_errors(handler: Handler) -> Handler:
         try:
             return await handler(self, request, context)
         except Exception as error:  # noqa: BLE001 - every error must become a status
-            status = status_for(error)
-            if status is None:
-                log.exception("unexpected error in %s", handler.__name__)
-                status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
-        converted = rpc_status.to_status(status)
-        await context.abort(converted.code, converted.details, converted.trailing_metadata)
+            status = _status_or_internal(error, handler.__name__)
+        await _abort(context, status)
 
     return wrapper
+
+
+def _status_or_internal(error: Exception, where: str) -> status_pb2.Status:
+    status = status_for(error)
+    if status is None:
+        log.exception("unexpected error in %s", where)
+        status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+    return status
+
+
+async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+    converted = rpc_status.to_status(status)
+    await context.abort(converted.code, converted.details, converted.trailing_metadata)
 
 
 StreamHandler = Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
@@ -96,11 +105,7 @@ def translate_stream_errors(handler: StreamHandler) -> StreamHandler:
                 yield response
             return
         except Exception as error:  # noqa: BLE001 - every error must become a status
-            status = status_for(error)
-            if status is None:
-                log.exception("unexpected error in %s", handler.__name__)
-                status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
-        converted = rpc_status.to_status(status)
-        await context.abort(converted.code, converted.details, converted.trailing_metadata)
+            status = _status_or_internal(error, handler.__name__)
+        await _abort(context, status)
 
     return wrapper

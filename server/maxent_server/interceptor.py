@@ -64,6 +64,23 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(self._wrap_stream(handler, service, method))
         return grpc.unary_unary_rpc_method_handler(self._wrap(handler, service, method))
 
+    async def _admit(self, raw: bytes, context, method: str, deserialize, protected: bool):
+        """(principal, request) of a call that may proceed: the token checked
+        (when `protected`), the request read, the run's access checked.
+        Aborts the call otherwise."""
+        principal: Principal | None = None
+        if protected:
+            principal = self.authorizer.authenticate(context.invocation_metadata())
+            if principal is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+        request = deserialize(raw) if deserialize is not None else raw
+        if principal is not None:
+            run_id = "" if method == "ListRuns" else getattr(request, "run_id", "")
+            denial = Authorizer.denial(principal, method, run_id)
+            if denial is not None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
+        return principal, request
+
     def _wrap(self, handler, service: str, method: str):
         inner = handler.unary_unary
         deserialize = handler.request_deserializer
@@ -81,16 +98,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             request = None
             response_bytes = 0
             try:
-                if protected:
-                    principal = self.authorizer.authenticate(context.invocation_metadata())
-                    if principal is None:
-                        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
-                request = deserialize(raw) if deserialize is not None else raw
-                if principal is not None:
-                    run_id = "" if method == "ListRuns" else getattr(request, "run_id", "")
-                    denial = Authorizer.denial(principal, method, run_id)
-                    if denial is not None:
-                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
+                principal, request = await self._admit(raw, context, method, deserialize, protected)
                 if principal is not None and method == "ListRuns" and not principal.all_runs:
                     response = await _list_visible_runs(inner, request, context, principal)
                 else:
@@ -137,15 +145,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             request = None
             response_bytes = 0
             try:
-                if protected:
-                    principal = self.authorizer.authenticate(context.invocation_metadata())
-                    if principal is None:
-                        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
-                request = deserialize(raw) if deserialize is not None else raw
-                if principal is not None:
-                    denial = Authorizer.denial(principal, method, getattr(request, "run_id", ""))
-                    if denial is not None:
-                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
+                principal, request = await self._admit(raw, context, method, deserialize, protected)
                 async for response in inner(request, context):
                     out = serialize(response) if serialize is not None else response
                     response_bytes += len(out)
