@@ -87,10 +87,10 @@ def test_no_retries_when_disabled():
 
 
 def test_long_groups_are_truncated_and_short_ones_dropped():
-    gen = ScriptedGenerator({"long": [6], "short": [2], "exact": [4]}, with_metadata=True)
-    batch = prepare_generation_batch(["long", "short", "exact"], gen, expected_generations=4)
-    # a short but non-empty group is not retried: it is dropped
-    assert gen.calls == [["long", "short", "exact"]]
+    gen = ScriptedGenerator({"long": [6], "short": [2, 1, 0], "exact": [4]}, with_metadata=True)
+    batch = prepare_generation_batch(["long", "short", "exact"], gen, expected_generations=4, max_retry_rounds=2)
+    # a short group is topped up; one still short after the retry rounds is dropped
+    assert gen.calls == [["long", "short", "exact"], ["short"], ["short"]]
     assert batch.prompts == ["long", "exact"] and batch.group_sizes == [4, 4]
     assert batch.completions[0] == [f"long/try0/c{j}" for j in range(4)]
     assert batch.metadata["token_counts"] == [[10, 11, 12, 13], [10, 11, 12, 13]]
@@ -98,7 +98,30 @@ def test_long_groups_are_truncated_and_short_ones_dropped():
     report = batch.report
     assert (report.truncated_groups, report.truncated_completions) == (1, 2)
     (dropped,) = report.dropped
-    assert (dropped.prompt, dropped.received, dropped.reason) == ("short", 2, DROPPED_INCOMPLETE)
+    assert (dropped.prompt, dropped.received, dropped.reason) == ("short", 3, DROPPED_INCOMPLETE)
+    assert (report.topped_up_prompts, report.topped_up_completions) == (0, 1)
+
+
+def test_partial_groups_are_topped_up_with_only_what_they_miss():
+    asked: list[tuple[list[str], int]] = []
+    script = {"a": [4], "b": [3, 1], "c": [1, 3], "d": [0, 4]}
+    gen = ScriptedGenerator(script, with_metadata=True)
+
+    def generate(prompts, k):
+        asked.append((list(prompts), k))
+        return gen(prompts, k)
+
+    stats: dict[str, int] = {}
+    batch = prepare_generation_batch(["a", "b", "c", "d"], generate, expected_generations=4, stats=stats)
+    # one retry round: each short prompt asked for exactly what it misses, grouped by that number
+    assert asked == [(["a", "b", "c", "d"], 4), (["d"], 4), (["c"], 3), (["b"], 1)]
+    assert batch.prompts == ["a", "b", "c", "d"] and batch.group_sizes == [4, 4, 4, 4]
+    # a topped-up group keeps what it had first, then the new completions
+    assert batch.completions[1] == ["b/try0/c0", "b/try0/c1", "b/try0/c2", "b/try1/c0"]
+    assert batch.metadata["token_counts"][1] == [10, 11, 12, 10]  # metadata follows its completions
+    report = batch.report
+    assert (report.topped_up_prompts, report.topped_up_completions, report.recovered_prompts) == (2, 4, 1)
+    assert stats["generation_topped_up_prompts"] == 2 and stats["generation_topped_up_completions"] == 4
 
 
 def test_reward_statistics_kwargs_are_flat_and_aligned():
@@ -164,7 +187,7 @@ def test_output_feeds_compute_reward_statistics(client):
     script = {
         "2+2": [[good, "\\boxed{5}", "no answer", good, "extra"]],  # truncated to 4
         "1+1": [[], ["\\boxed{2}", "<think>t</think><answer>\\boxed{2}</answer>", "x", "\\boxed{3}"]],  # retried
-        "3+3": [["\\boxed{6}"]],  # incomplete: dropped
+        "3+3": [["\\boxed{6}"], []],  # incomplete, and its top-ups bring nothing: dropped
     }
     turns: dict[str, int] = {}
 

@@ -298,3 +298,14 @@ def test_callback_sends_lr_scale_as_a_number_or_a_schedule(client, run_id):
     # log tau moves by tau_lr * lr_scale * (target - EMA) with lr_scale = 1 at step 2
     ema = 0.9  # both reports were 0.9
     assert client.get_run(run_id).state.tau == pytest.approx(math.exp(0.1 * 1.0 * (0.5 - ema)))
+
+
+def test_an_answer_column_of_none_warns_once_by_name(client):
+    reward = MaxEntRewardFunction(client, rewards=[RewardTerm("format", 1.0)], num_generations=2)
+    with pytest.warns(UserWarning, match="answer column 'answer' holds no answer"):
+        reward(prompts=["p", "p"], completions=["a", "b"], answer=[None, None])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second batch does not warn again
+        assert reward(prompts=["p", "p"], completions=["a", "b"], answer=[None, None]) == [0.0, 0.0]

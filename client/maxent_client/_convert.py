@@ -42,6 +42,57 @@ def _scale_rewards_from(msg: pb.WeightingConfig) -> bool | str | None:
     return msg.scale_rewards if msg.HasField("scale_rewards") else None
 
 
+_TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
+               "Denominator": "TAU_PLUS_BETA or TAU", "None": "null"}
+
+
+def config_type_error(name: str, value: Any) -> str | None:
+    """Why `value` does not fit WeightingConfig field `name` (one line naming
+    the field and the expected type), or None when it fits."""
+    kinds = [k.strip() for k in str(WeightingConfig.__dataclass_fields__[name].type).split("|")]
+    fits = {
+        "None": value is None,
+        "bool": isinstance(value, (bool, np.bool_)),
+        "int": isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)),
+        "float": isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)),
+        "str": isinstance(value, str),
+        "Denominator": isinstance(value, Denominator),
+    }
+    if any(fits.get(kind, True) for kind in kinds):
+        return None
+    expected = " or ".join(_TYPE_WORDS.get(kind, kind) for kind in kinds)
+    return f"config field {name} must be {expected}, got {value!r}"
+
+
+def as_config(config: Any) -> WeightingConfig:
+    """A create_run `config`: None (the defaults), a WeightingConfig, or a
+    dict of WeightingConfig fields (e.g. {"tau": 0.5}); a dict with an
+    unknown key is a ValueError naming it, anything else a TypeError."""
+    if config is None:
+        return WeightingConfig()
+    if isinstance(config, WeightingConfig):
+        return config
+    if isinstance(config, dict):
+        known = WeightingConfig.field_names()
+        unknown = sorted(set(map(str, config)) - set(known))
+        if unknown:
+            raise ValueError(f"config has unknown field(s) {', '.join(unknown)}; WeightingConfig fields are "
+                             f"{', '.join(known)}")
+        values = dict(config)
+        if isinstance(values.get("denominator"), str):
+            name = values["denominator"].upper()
+            if name not in Denominator.__members__:
+                raise ValueError(f"config denominator must be one of {', '.join(Denominator.__members__)}, "
+                                 f"got {values['denominator']!r}")
+            values["denominator"] = Denominator[name]
+        for name, value in values.items():
+            problem = config_type_error(name, value)
+            if problem:
+                raise TypeError(problem)
+        return WeightingConfig(**values)
+    raise TypeError(f"config must be a WeightingConfig (or a dict of its fields), got {type(config).__name__}")
+
+
 def config_to_proto(config: WeightingConfig) -> pb.WeightingConfig:
     msg = pb.WeightingConfig()
     for name in WeightingConfig.field_names():
@@ -145,27 +196,68 @@ def _is_group(value: Any) -> bool:
     return isinstance(value, (list, tuple, np.ndarray)) or _is_tensor(value)
 
 
+def tensor_to_numpy(value: Any, name: str = "the input") -> np.ndarray:
+    """A torch tensor as a numpy array on the CPU: bfloat16 and float16 are
+    widened exactly to float64; a meta-device tensor (no data) and dtypes
+    numpy cannot hold are refused by name."""
+    import torch
+
+    tensor = value.detach()
+    if tensor.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device; move it to the CPU (a meta tensor has no data to send)")
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.to(torch.float64)
+    try:
+        return tensor.cpu().numpy()
+    except (TypeError, RuntimeError) as error:
+        raise ValueError(f"{name} has torch dtype {tensor.dtype}, which is not supported; convert it with "
+                         f".to(torch.float64) (or torch.int64 for counts) ({error})") from None
+
+
 def nested_sizes(values: Any) -> list[int] | None:
     """Group sizes when `values` is nested per group (a list of sequences or a
     2-D array/tensor), else None."""
-    if _is_tensor(values):
-        values = values.detach().cpu().numpy()
-    if isinstance(values, np.ndarray):
-        return [values.shape[1]] * values.shape[0] if values.ndim == 2 else None
+    if _is_tensor(values) or isinstance(values, np.ndarray):  # the shape alone, no copy of the data
+        shape = tuple(values.shape)
+        return [shape[1]] * shape[0] if len(shape) == 2 else None
     if len(values) and all(_is_group(g) for g in values):
         return [len(g) for g in values]
     return None
 
 
-def flat(values: Any, dtype: Any) -> np.ndarray:
-    """One flat array from a list, nested lists, numpy array or torch tensor."""
+def _whole(array: np.ndarray, dtype: Any, name: str) -> np.ndarray:
+    """`array` as the integer `dtype`, refusing values with a fractional part
+    (or not finite) instead of truncating them."""
+    if array.dtype.kind in "fc" or array.dtype == object:
+        try:
+            numbers = array.astype(np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must hold integers, got {array.reshape(-1)[:5].tolist()!r}") from None
+        bad = np.flatnonzero(~np.isfinite(numbers) | (numbers != np.round(numbers)))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{name} must hold whole numbers; {name}[{i}] is {numbers[i].item()!r} "
+                             "(round it, or pass integers)")
+        return numbers.astype(dtype)
+    return array.astype(dtype, copy=False)
+
+
+def flat(values: Any, dtype: Any, name: str = "the input") -> np.ndarray:
+    """One flat array from a list, nested lists, numpy array or torch tensor.
+    For an integer `dtype` a value with a fractional part is refused (a
+    ValueError naming `name`), never truncated."""
     if _is_tensor(values):
-        values = values.detach().cpu().numpy()
+        values = tensor_to_numpy(values, name)
+    integer = np.dtype(dtype).kind in "iu"
     if isinstance(values, np.ndarray):
+        if integer:
+            return _whole(values, dtype, name).reshape(-1)
         return values.astype(dtype, copy=False).reshape(-1)
     values = list(values)
     if values and all(_is_group(g) for g in values):
-        return np.concatenate([flat(g, dtype) for g in values])
+        return np.concatenate([flat(g, dtype, name) for g in values])
+    if integer:
+        return _whole(np.asarray(values), dtype, name).reshape(-1)
     return np.asarray(values, dtype=dtype)
 
 

@@ -22,18 +22,52 @@ from .models import (
 )
 
 
-def group_sizes_for(group_sizes: Any, primary: Any) -> np.ndarray:
-    """Explicit group sizes, or those of nested per-group inputs."""
+def group_sizes_for(group_sizes: Any, primary: Any, name: str = "the per-completion input") -> np.ndarray:
+    """Explicit group sizes, or those of nested per-group inputs. Explicit
+    sizes that disagree with the nesting of `primary` (named `name`) are
+    refused rather than silently regrouping; a 2-D array with one row or one
+    column counts as flat."""
+    nested = cv.nested_sizes(primary) if primary is not None else None
     if group_sizes is not None:
-        return cv.flat(group_sizes, np.int64)
-    sizes = cv.nested_sizes(primary) if primary is not None else None
-    if sizes is None:
+        sizes = cv.flat(group_sizes, np.int64, "group_sizes")
+        if nested is not None and _is_grouping(primary, nested) and sizes.tolist() != list(nested):
+            raise ValueError(f"group_sizes {sizes.tolist()} disagrees with the groups of the nested {name} "
+                             f"(lengths {list(nested)}); drop group_sizes, or pass {name} flat")
+        return sizes
+    if nested is None:
         raise ValueError("group_sizes is required unless the per-completion inputs are nested per group")
-    return np.asarray(sizes, dtype=np.int64)
+    return np.asarray(nested, dtype=np.int64)
 
 
-def _flat(values: Any, dtype: Any) -> np.ndarray | None:
-    return None if values is None else cv.flat(values, dtype)
+def _is_grouping(values: Any, nested: list[int]) -> bool:
+    """Whether nested `values` say how they are grouped: a list of
+    sequences, or a 2-D array/tensor with more than one row and column."""
+    if isinstance(values, np.ndarray) or cv._is_tensor(values):
+        return len(nested) > 1 and nested[0] > 1
+    # A chat completion is a list of message dicts, not a group.
+    return not any(isinstance(item, dict) for group in values for item in group)
+
+
+def _flat(values: Any, dtype: Any, name: str = "the input") -> np.ndarray | None:
+    return None if values is None else cv.flat(values, dtype, name)
+
+
+def reward_params(term: RewardTerm) -> dict[str, str]:
+    """A reward term's parameters as the strings the service takes: numbers
+    are written with str(), booleans as "true"/"false"; other types are
+    refused with a TypeError naming the parameter."""
+    params: dict[str, str] = {}
+    for key, value in dict(term.params).items():
+        if isinstance(value, (bool, np.bool_)):
+            params[str(key)] = "true" if value else "false"
+        elif isinstance(value, str):
+            params[str(key)] = value
+        elif isinstance(value, (int, float, np.integer, np.floating)):
+            params[str(key)] = str(value.item() if isinstance(value, np.generic) else value)
+        else:
+            raise TypeError(f"reward {term.name!r} parameter {key!r} must be a string, number or bool, got "
+                            f"{type(value).__name__} {value!r}")
+    return params
 
 
 def set_optional(message: Any, **values: Any) -> None:
@@ -69,7 +103,8 @@ def reward_request(
     `message` (default a new ComputeRewardStatisticsRequest) is filled in;
     ComputeStepStatisticsRequest has the same reward fields, and `arrays`
     adds its further per-completion arrays."""
-    sizes = group_sizes_for(group_sizes, utilities if utilities is not None else completions)
+    sizes = group_sizes_for(group_sizes, utilities if utilities is not None else completions,
+                            "utilities" if utilities is not None else "completions")
     request = pb.ComputeRewardStatisticsRequest() if message is None else message
     request.run_id = run_id
     if completions is not None:
@@ -77,7 +112,7 @@ def reward_request(
     if answers is not None:
         request.answers.extend(str(a) for a in answers)
     for term in rewards:
-        request.rewards.add(name=term.name, weight=term.weight, params=dict(term.params))
+        request.rewards.add(name=term.name, weight=term.weight, params=reward_params(term))
     set_optional(
         request,
         q_temperature=q_temperature,
@@ -95,10 +130,10 @@ def reward_request(
     payload = encode(
         request,
         group_sizes=sizes,
-        utilities=_flat(utilities, np.float64),
-        token_counts=_flat(token_counts, np.int64),
-        truncated=_flat(truncated, np.bool_),
-        gen_logp_sum=_flat(gen_logp_sum, np.float64),
+        utilities=_flat(utilities, np.float64, "utilities"),
+        token_counts=_flat(token_counts, np.int64, "token_counts"),
+        truncated=_flat(truncated, np.bool_, "truncated"),
+        gen_logp_sum=_flat(gen_logp_sum, np.float64, "gen_logp_sum"),
         **arrays,
     )
     return payload, sizes
@@ -124,8 +159,8 @@ def step_request(
         message.read_mask.SetInParent()
         message.read_mask.paths.extend(read_mask)
     return reward_request(
-        run_id=run_id, message=message, ref_logp_sum=_flat(ref_logp_sum, np.float64),
-        ref_token_counts=_flat(ref_token_counts, np.int64), **reward_fields,
+        run_id=run_id, message=message, ref_logp_sum=_flat(ref_logp_sum, np.float64, "ref_logp_sum"),
+        ref_token_counts=_flat(ref_token_counts, np.int64, "ref_token_counts"), **reward_fields,
     )
 
 
@@ -166,16 +201,17 @@ def weight_request(
     normalize_by_tokens: bool = False,
 ) -> tuple[bytes, np.ndarray]:
     """The serialized request (arrays encoded by numpy) and its group sizes."""
-    sizes = group_sizes_for(group_sizes, q_values if q_values is not None else advantages)
+    sizes = group_sizes_for(group_sizes, q_values if q_values is not None else advantages,
+                            "q_values" if q_values is not None else "advantages")
     request = pb.ComputeWeightStatsRequest(run_id=run_id, normalize_by_tokens=normalize_by_tokens)
     set_optional(request, include_reference_term=include_reference_term)
     payload = encode(
         request,
         group_sizes=sizes,
-        q_values=_flat(q_values, np.float64),
-        ref_logp_sum=_flat(ref_logp_sum, np.float64),
-        ref_token_counts=_flat(ref_token_counts, np.int64),
-        advantages=_flat(advantages, np.float64),
+        q_values=_flat(q_values, np.float64, "q_values"),
+        ref_logp_sum=_flat(ref_logp_sum, np.float64, "ref_logp_sum"),
+        ref_token_counts=_flat(ref_token_counts, np.int64, "ref_token_counts"),
+        advantages=_flat(advantages, np.float64, "advantages"),
     )
     return payload, sizes
 

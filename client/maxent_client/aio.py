@@ -62,15 +62,17 @@ class AsyncMaxEntClient(ClientBase):
     async def create_run(
         self,
         run_id: str,
-        config: WeightingConfig | None = None,
+        config: WeightingConfig | dict[str, Any] | None = None,
         *,
         initial_state: ControllerState | None = None,
         timeout: float | None = None,
     ) -> Run:
         """Create a run (idempotent for an identical config). With
         `initial_state` (an exported run's state) the controller starts
-        exactly there: tau, beta, log tau, EMA, step, version and the rest."""
-        request = pb.CreateRunRequest(run_id=run_id, config=cv.config_to_proto(config or WeightingConfig()))
+        exactly there: tau, beta, log tau, EMA, step, version and the rest.
+        `config` is a WeightingConfig or a dict of its fields ({"tau": 0.5}); an
+        unknown key is a ValueError."""
+        request = pb.CreateRunRequest(run_id=run_id, config=cv.config_to_proto(cv.as_config(config)))
         if initial_state is not None:
             request.initial_state.CopyFrom(cv.state_to_proto(initial_state))
         return cv.run_from_proto((await self._call("CreateRun", request, timeout)).run)

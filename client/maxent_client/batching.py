@@ -6,7 +6,9 @@ request to an inference server) or a different number of completions.
 :func:`prepare_generation_batch` turns whatever came back into whole groups:
 
 1. it calls ``generate(prompts, expected_generations)`` once for the batch;
-2. prompts that came back with no completions are asked again, only those,
+2. prompts that came back short are asked again, only those and only for
+   what they miss (all ``expected_generations`` for an empty one, the
+   missing few for a partial group, which keeps what it had: a "top-up"),
    for at most ``max_retry_rounds`` more rounds;
 3. groups longer than ``expected_generations`` are cut to that length;
 4. groups still shorter (empty ones included) are dropped, and the report
@@ -73,6 +75,8 @@ class GenerationReport:
     truncated_groups: int  # groups cut to expected_generations
     truncated_completions: int  # completions cut off those groups
     dropped: tuple[DroppedPrompt, ...] = ()
+    topped_up_prompts: int = 0  # partial groups that retries made whole
+    topped_up_completions: int = 0  # completions added to partial groups
 
     @property
     def dropped_prompts(self) -> int:
@@ -87,6 +91,8 @@ class GenerationReport:
             "generation_recovered_prompts": self.recovered_prompts,
             "generation_truncated_groups": self.truncated_groups,
             "generation_truncated_completions": self.truncated_completions,
+            "generation_topped_up_prompts": self.topped_up_prompts,
+            "generation_topped_up_completions": self.topped_up_completions,
             "generation_dropped_prompts": len(self.dropped),
             "generation_dropped_empty": sum(d.reason == DROPPED_EMPTY for d in self.dropped),
             "generation_dropped_incomplete": sum(d.reason == DROPPED_INCOMPLETE for d in self.dropped),
@@ -171,27 +177,37 @@ def prepare_generation_batch(
     groups: list[list[str]] = [[] for _ in range(n)]
     metadata: dict[str, list[list[Any]]] = {}
 
-    def ask(positions: list[int]) -> None:
-        got, meta = _call(generate, [prompt_list[i] for i in positions], expected_generations)
+    def ask(positions: list[int], k: int) -> None:
+        """k more completions for each of these prompts, added to what they have."""
+        got, meta = _call(generate, [prompt_list[i] for i in positions], k)
         for name in meta:
             metadata.setdefault(name, [[] for _ in range(n)])
         for j, i in enumerate(positions):
-            groups[i] = got[j]
+            groups[i] = groups[i] + got[j]
             for name, values in metadata.items():
-                # A name missing from this round's metadata leaves these prompts
-                # without values; the name is then left out of the batch.
-                values[i] = meta[name][j] if name in meta else []
+                # A name missing from this round's metadata leaves these
+                # completions without values: the group and its values no
+                # longer line up, and the name is left out of the batch.
+                if name in meta:
+                    values[i] = values[i] + meta[name][j]
 
-    ask(list(range(n)))
-    first_empty = {i for i in range(n) if not groups[i]}
+    ask(list(range(n)), expected_generations)
+    first_sizes = [len(group) for group in groups]
     retry_rounds = retried = 0
-    pending = sorted(first_empty)
+    pending = [i for i in range(n) if first_sizes[i] < expected_generations]
     while pending and retry_rounds < rounds_left:
         retry_rounds += 1
         retried += len(pending)
-        ask(pending)
-        pending = [i for i in pending if not groups[i]]
-    recovered = len(first_empty) - len(pending)
+        by_missing: dict[int, list[int]] = {}
+        for i in pending:
+            by_missing.setdefault(expected_generations - len(groups[i]), []).append(i)
+        for missing, positions in sorted(by_missing.items(), reverse=True):
+            ask(positions, missing)
+        pending = [i for i in pending if len(groups[i]) < expected_generations]
+    recovered = sum(1 for i in range(n) if first_sizes[i] == 0 and groups[i])
+    partial = [i for i in range(n) if 0 < first_sizes[i] < expected_generations]
+    topped_up = sum(1 for i in partial if len(groups[i]) >= expected_generations)
+    added = sum(min(len(groups[i]), expected_generations) - first_sizes[i] for i in partial)
 
     kept: list[int] = []
     dropped: list[DroppedPrompt] = []
@@ -224,6 +240,8 @@ def prepare_generation_batch(
         truncated_groups=truncated_groups,
         truncated_completions=truncated_completions,
         dropped=tuple(dropped),
+        topped_up_prompts=topped_up,
+        topped_up_completions=added,
     )
     if dropped:
         log.warning(

@@ -23,6 +23,7 @@ from typing import Any, Sequence, TextIO
 
 import grpc
 
+from ._convert import config_type_error
 from .client import MaxEntClient
 from .errors import MaxEntError
 from .models import ControllerState, Denominator, Run, WeightingConfig
@@ -46,7 +47,15 @@ def config_from_json(data: dict[str, Any]) -> WeightingConfig:
         raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
     values = dict(data)
     if "denominator" in values:
-        values["denominator"] = Denominator[str(values["denominator"]).upper()]
+        name = str(values["denominator"]).upper()
+        if name not in Denominator.__members__:
+            raise ValueError(f"config field denominator must be one of {', '.join(Denominator.__members__)}, "
+                             f"got {values['denominator']!r}")
+        values["denominator"] = Denominator[name]
+    for key, value in values.items():
+        problem = config_type_error(key, value)
+        if problem:
+            raise ValueError(problem)
     return WeightingConfig(**values)
 
 
@@ -363,9 +372,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         return args.func(client, args, out)
     except MaxEntError as error:
-        sys.stderr.write(f"maxentctl: {error}\n")
+        # One line per violation; the message repeats them, so it is printed only without any.
+        if not error.violations:
+            sys.stderr.write(f"maxentctl: {error}\n")
         for violation in error.violations:
-            sys.stderr.write(f"  {violation.field}: {violation.description}\n")
+            sys.stderr.write(f"maxentctl: {error.code.name}: {violation.field}: {violation.description}\n")
         return 2
     except (OSError, ValueError) as error:
         sys.stderr.write(f"maxentctl: {error}\n")

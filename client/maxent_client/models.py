@@ -119,7 +119,9 @@ class UpdateResult:
 
 @dataclass(frozen=True)
 class RewardTerm:
-    """A reward function, its weight in the utility sum, and its parameters."""
+    """A reward function, its weight in the utility sum, and its parameters.
+    Parameter values are strings; numbers are sent as str(value) and
+    booleans as "true"/"false", any other type is refused (TypeError)."""
 
     name: str
     weight: float = 1.0

@@ -4,9 +4,11 @@ TLS, metrics endpoint, access log, graceful shutdown and SIGHUP token reload."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 
 import grpc
@@ -63,6 +65,10 @@ class ServerSettings:
 
 class ConfigError(ValueError):
     """Settings that cannot work together; the message says which."""
+
+
+class PortError(ConfigError):
+    """The gRPC port cannot be bound (in use, or not allowed)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -141,13 +147,6 @@ class MaxEntServer:
             await asyncio.get_running_loop().run_in_executor(None, self.store.ping)
         except StoreError as error:
             raise ConfigError(f"state store not reachable: {error}") from None
-        self.engine = Engine(s.device, threads=s.torch_threads)
-        self.rewards = _reward_runner(s)
-        if self.metrics is not None and self.rewards is not None:
-            self.metrics.declare_rewards(f.name for f in self.rewards.list_functions())
-            rewards = self.rewards
-            self.metrics.watch_reward_queue(lambda: rewards.stats()["queued_items"])
-        self.servicer = MaxEntServicer(self.store, self.engine, self.rewards, observer=self.metrics)
         limit = s.max_message_mb * 1024 * 1024
         interceptor = CallInterceptor(metrics=self.metrics, authorizer=self.authorizer, access_log=s.access_log)
         self.server = grpc.aio.server(
@@ -155,6 +154,16 @@ class MaxEntServer:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      *KEEPALIVE_OPTIONS],
         )
+        # Bind before the reward workers start: a busy port fails the start
+        # with one line and nothing left to shut down.
+        self._bind(host)
+        self.engine = Engine(s.device, threads=s.torch_threads)
+        self.rewards = _reward_runner(s)
+        if self.metrics is not None and self.rewards is not None:
+            self.metrics.declare_rewards(f.name for f in self.rewards.list_functions())
+            rewards = self.rewards
+            self.metrics.watch_reward_queue(lambda: rewards.stats()["queued_items"])
+        self.servicer = MaxEntServicer(self.store, self.engine, self.rewards, observer=self.metrics)
         add_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -162,14 +171,28 @@ class MaxEntServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
-        address = _address(host, s.port)
-        if self.tls is not None:
-            self.port = self.server.add_secure_port(address, grpc_server_credentials(self.tls))
-        else:
-            self.port = self.server.add_insecure_port(address)
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _bind(self, host: str) -> None:
+        """Add the gRPC port; one that cannot be bound is a PortError saying
+        why (the operating system's reason) and what to do."""
+        s = self.settings
+        address = _address(host, s.port)
+        # Asked first so that a port in use is this one line, not gRPC's log too.
+        busy = _bind_failure(host, s.port, only_in_use=True) if s.port else None
+        if busy:
+            self.store.close()
+            raise PortError(busy)
+        try:
+            if self.tls is not None:
+                self.port = self.server.add_secure_port(address, grpc_server_credentials(self.tls))
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.store.close()
+            raise PortError(_bind_failure(host, s.port)) from None
 
     def _log_start(self, host: str, narrowed: bool, metrics_narrowed: bool) -> None:
         s = self.settings
@@ -243,6 +266,26 @@ class MaxEntServer:
         await self.start()
         await stop.wait()
         await self.stop()
+
+
+def _bind_failure(host: str, port: int, *, only_in_use: bool = False) -> str | None:
+    """Why `host:port` cannot be bound, asked of the operating system (with
+    `only_in_use`: None unless the port is in use)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except socket.gaierror:
+        return None if only_in_use else f"cannot listen on {_address(host, port)}: unknown host, check --host"
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.errno == errno.EADDRINUSE:
+            return f"port {port} is in use ({reason}): pick another with --port"
+        if only_in_use:
+            return None
+        return f"cannot listen on {_address(host, port)} ({reason}): pick another --port or --host"
+    return None if only_in_use else f"cannot listen on {_address(host, port)}: pick another with --port"
 
 
 def _reward_runner(s: ServerSettings):

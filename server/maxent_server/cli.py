@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .app import ConfigError, MaxEntServer, ServerSettings
+from .app import ConfigError, MaxEntServer, PortError, ServerSettings
 from .logs import configure_logging
 
 
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         asyncio.run(MaxEntServer(settings).serve_until_signal())
+    except PortError as error:
+        logging.getLogger("maxent_server").error("cannot start: %s", error)
+        return 1
     except ConfigError as error:
         logging.getLogger("maxent_server").error("cannot start: %s", error)
         return 2

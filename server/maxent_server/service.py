@@ -301,6 +301,10 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
 
     @translate_errors
     async def ComputeWeightStats(self, request, context) -> EncodedResponse:
+        """MaxEnt weights from q. Each non-empty group's q_values must sum to 1
+        (within Q_SUM_TOLERANCE), or be all 0 (a group whose completions were
+        all excluded, as ComputeRewardStatistics returns it); anything else is
+        INVALID_ARGUMENT on q_values naming the group and its sum."""
         v = Violations()
         v.run_id(request.run_id)
         v.raise_if_any()
@@ -611,6 +615,9 @@ class _RewardInputs:
                                           max_completion_len=max_len if max_len and max_len > 0 else None))
                 if len(request.answers) or rewards.needs_answers(self.terms):
                     v.length("answers", request.answers, groups)
+        elif n and len(request.completions) and not len(request.utilities):
+            v.add("utilities", f"is missing: {len(request.completions)} completions were given without reward "
+                               "terms; give utilities, or reward terms (rewards=...) to score the completions")
         else:
             self.utilities = _check_group_arrays(v, request, "utilities", convert.floats, n, required=True, finite=True)
         self.token_counts = _check_group_arrays(v, request, "token_counts", convert.ints, n, required=False, non_negative=True)
@@ -710,9 +717,33 @@ def _parse_weight_inputs(request, options: WeightOptions):
         advantages = _check_group_arrays(v, request, "advantages", convert.floats, n, required=True, finite=True)
     else:
         q = _check_group_arrays(v, request, "q_values", convert.floats, n, required=True, finite=True, non_negative=True)
+        _check_q_sums(v, q, sizes)
     ref, counts = _parse_reference(v, request, options, n)
     v.raise_if_any()
     return sizes, q, ref, counts, advantages
+
+
+Q_SUM_TOLERANCE = 1e-6
+
+
+def _check_q_sums(v: Violations, q: np.ndarray | None, sizes: np.ndarray) -> None:
+    """Each non-empty group's q must sum to 1 within Q_SUM_TOLERANCE, or be
+    all 0: ComputeRewardStatistics gives excluded completions q 0 and the
+    rest of their group sums to 1, so a group whose every completion was
+    excluded has q all 0. Skipped when q or the sizes already failed."""
+    if q is None or not q.size or sizes.size == 0 or sizes.min() < 0:
+        return
+    if not np.isfinite(q).all() or q.min() < 0:
+        return  # reported already
+    nonempty = np.flatnonzero(sizes > 0)
+    starts = np.concatenate([[0], np.cumsum(sizes[nonempty])[:-1]]).astype(np.int64)
+    sums = np.add.reduceat(q, starts)
+    bad = np.flatnonzero((np.abs(sums - 1.0) > Q_SUM_TOLERANCE) & (sums != 0.0))
+    if bad.size:
+        group = int(nonempty[bad[0]])
+        v.add("q_values", f"group {group} sums to {float(sums[bad[0]])!r}; each group's q_values must sum to 1 "
+                          f"(within {Q_SUM_TOLERANCE:g}), or be all 0 for a group whose completions were all "
+                          f"excluded ({bad.size} group(s) off)")
 
 
 def _parse_reference(v: Violations, request, options: WeightOptions, n: int):
@@ -722,9 +753,14 @@ def _parse_reference(v: Violations, request, options: WeightOptions, n: int):
         return None, None
     if options.tau + options.beta <= 0:
         v.add("run_id", "the run's controller has tau + beta <= 0; MaxEnt weights need tau + beta > 0")
-    ref = _check_group_arrays(
-        v, request, "ref_logp_sum", convert.floats, n, required=options.include_reference_term, finite=True
-    )
+    if options.include_reference_term and n and not len(request.ref_logp_sum):
+        v.add("ref_logp_sum", f"is missing; expected {n} entries (the reference model's log-prob sum of each "
+                              "completion), or pass include_reference_term=False to weight without a reference")
+        ref = None
+    else:
+        ref = _check_group_arrays(
+            v, request, "ref_logp_sum", convert.floats, n, required=options.include_reference_term, finite=True
+        )
     counts_needed = options.normalize_by_tokens or (options.include_reference_term and options.length_normalize_ref)
     counts = _check_group_arrays(
         v, request, "ref_token_counts", convert.ints, n, required=counts_needed, non_negative=True

@@ -50,12 +50,14 @@ from __future__ import annotations
 import json
 import math
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..client import MaxEntClient
+from ..errors import InvalidArgumentError
 from ..models import ControllerState, FailurePolicy, RewardStatistics, RewardTerm, SeedGrpo, UpdateResult
 
 #: Dataset columns tried, in order, for each group's gold answer.
@@ -84,9 +86,12 @@ class MaxEntRewardFunction:
 
     Groups are runs of consecutive completions of the same prompt, cut into
     chunks of ``num_generations`` when it is given (give it: two equal prompts
-    in a row are otherwise one group). Each group's gold answer comes from the
-    first of ``answer_columns`` that TRL passes (dataset columns), taken at the
-    group's first completion; without one, no answers are sent.
+    in a row are otherwise one group); a run that ``num_generations`` does not
+    divide is refused with a ValueError naming the run lengths. Each group's
+    gold answer comes from the first of ``answer_columns`` that TRL passes
+    (dataset columns), taken at the group's first completion; without one, no
+    answers are sent, and a reward that needs them is a ValueError naming the
+    columns searched.
 
     ``accelerator`` (an ``accelerate.Accelerator`` or ``PartialState``): in a
     multi-process job the main process then scores every rank's completions in
@@ -157,6 +162,7 @@ class MaxEntRewardFunction:
         self.last_statistics: RewardStatistics | None = None
         self.last_weight_entropy: float | None = None
         self.calls = 0
+        self._warned_empty: set[str] = set()
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -216,10 +222,19 @@ class MaxEntRewardFunction:
             options["timeout"] = self.timeout
 
         service = self._service()
-        if service is not None:
-            stats = service.compute_reward_statistics_sharded(**request, **options)
-        else:
-            stats = self._get_client().compute_reward_statistics(**request, **options)
+        try:
+            if service is not None:
+                stats = service.compute_reward_statistics_sharded(**request, **options)
+            else:
+                stats = self._get_client().compute_reward_statistics(**request, **options)
+        except InvalidArgumentError as error:
+            if answers is None and any(v.field == "answers" for v in error.violations):
+                names = ", ".join(term.name for term in self.rewards)
+                given = sorted(k for k in kwargs if k not in _TRL_KWARGS)
+                raise ValueError(f"the rewards ({names}) need each group's gold answer, but none of answer_columns "
+                                 f"{list(self.answer_columns)} was passed (dataset columns seen: {given}); add one "
+                                 "of them to the dataset, or set answer_columns=[...]") from error
+            raise
         self.calls += 1
         self.last_statistics = stats
 
@@ -261,7 +276,13 @@ class MaxEntRewardFunction:
             values = kwargs.get(column)
             if column in _TRL_KWARGS or values is None:
                 continue
-            return ["" if values[s] is None else _as_text(values[s]) for s in starts.tolist()]
+            answers = [None if values[s] is None else _as_text(values[s]) for s in starts.tolist()]
+            if answers and all(a is None for a in answers) and column not in self._warned_empty:
+                self._warned_empty.add(column)
+                warnings.warn(f"the answer column {column!r} holds no answer (all None) in this batch: every reward "
+                              f"that needs a gold answer fails for its completions; fill the column, or set "
+                              f"answer_columns= to the one that holds the answers", stacklevel=3)
+            return ["" if a is None else a for a in answers]
         return None
 
     def _log(self, log_metric: Callable[[str, float], None], stats: RewardStatistics, weights: Any) -> None:
@@ -335,17 +356,25 @@ def _prompt_key(prompt: Any) -> str:
 
 def group_sizes(prompts: Sequence[Any], num_generations: int | None = None) -> list[int]:
     """Group sizes of a TRL reward call: runs of consecutive equal prompts, cut
-    into chunks of ``num_generations`` when given."""
-    sizes: list[int] = []
+    into chunks of ``num_generations`` when given. A run whose length is not a
+    multiple of ``num_generations`` is refused (a ValueError naming the run
+    lengths): it would otherwise be cut into groups of the wrong size."""
+    runs: list[int] = []
     previous: str | None = None
     for prompt in prompts:
         key = _prompt_key(prompt)
-        if sizes and key == previous and (num_generations is None or sizes[-1] < num_generations):
-            sizes[-1] += 1
+        if runs and key == previous:
+            runs[-1] += 1
         else:
-            sizes.append(1)
+            runs.append(1)
         previous = key
-    return sizes
+    if num_generations is None:
+        return runs
+    if any(run % num_generations for run in runs):
+        raise ValueError(f"num_generations={num_generations} does not divide the runs of consecutive equal prompts "
+                         f"in this call (run lengths {runs}); set num_generations to GRPOConfig.num_generations, "
+                         "or leave it None to group by prompt")
+    return [num_generations for run in runs for _ in range(run // num_generations)]
 
 
 # -- the controller callback ---------------------------------------------------------
