@@ -224,3 +224,13 @@ def test_trl_missing_answers_name_the_columns_searched(client):
     reward = MaxEntRewardFunction(client, rewards=[RewardTerm("boxed_accuracy", 1.0)], num_generations=2)
     with pytest.raises(ValueError, match=r"none of answer_columns \['answer', 'solution'.*dataset columns seen: \['level'\]"):
         reward(["p", "p"], ["\\boxed{4}", "4"], level=["easy", "easy"])
+
+
+def test_already_exists_names_the_fields_that_differ(client, run_id):
+    from maxent_client import AlreadyExistsError, WeightingConfig
+
+    client.create_run(run_id, WeightingConfig(tau=0.5, beta=0.04, target_entropy=1.0))
+    with pytest.raises(AlreadyExistsError) as conflict:
+        client.create_run(run_id, WeightingConfig(tau=0.3, beta=0.04, target_entropy=1.0))
+    assert "tau (0.5 stored, 0.3 asked)" in str(conflict.value)
+    assert "beta" not in str(conflict.value) and "another run_id" in str(conflict.value)

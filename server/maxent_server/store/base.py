@@ -44,10 +44,16 @@ class RunNotFound(StoreError):
 
 
 class RunConflict(StoreError):
-    """A run with this id exists with another config."""
+    """A run with this id exists with another config; the message names the
+    fields that differ (stored value, then the one asked for)."""
 
-    def __init__(self, run_id: str) -> None:
-        super().__init__(f"run {run_id!r} already exists with a different config")
+    def __init__(self, run_id: str, stored: RunConfig | None = None, asked: RunConfig | None = None) -> None:
+        message = f"run {run_id!r} already exists with a different config"
+        if stored is not None and asked is not None:
+            old, new = stored.to_dict(), asked.to_dict()
+            changed = [f"{name} ({old[name]!r} stored, {new[name]!r} asked)" for name in old if old[name] != new.get(name)]
+            message += ": " + ", ".join(changed) + "; use another run_id, or the stored config"
+        super().__init__(message)
         self.run_id = run_id
 
 

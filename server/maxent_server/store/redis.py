@@ -474,7 +474,7 @@ class RedisStore(RunStore):
             return record, True
         existing = self._record(run_id, *reply[1:4])
         if existing.config != config:
-            raise RunConflict(run_id)
+            raise RunConflict(run_id, existing.config, config)
         return existing, False
 
     def get_run(self, run_id: str) -> RunRecord:

@@ -109,7 +109,7 @@ class SqliteStore(RunStore):
             existing = self._fetch(run_id)
             if existing is not None:
                 if existing.config != config:
-                    raise RunConflict(run_id)
+                    raise RunConflict(run_id, existing.config, config)
                 return existing, False
             state = initial_state if initial_state is not None else ControllerState.initial(config, now)
             record = RunRecord(run_id, config, state, now)
