@@ -23,10 +23,10 @@ from typing import Any, Sequence, TextIO
 
 import grpc
 
-from ._convert import config_type_error
+from . import _convert as cv
 from .client import MaxEntClient
 from .errors import MaxEntError
-from .models import ControllerState, Denominator, Run, WeightingConfig
+from .models import ControllerState, Run, WeightingConfig
 
 _HEALTH_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 
@@ -41,22 +41,12 @@ def config_to_json(config: WeightingConfig) -> dict[str, Any]:
 
 
 def config_from_json(data: dict[str, Any]) -> WeightingConfig:
-    known = set(WeightingConfig.field_names())
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
-    values = dict(data)
-    if "denominator" in values:
-        name = str(values["denominator"]).upper()
-        if name not in Denominator.__members__:
-            raise ValueError(f"config field denominator must be one of {', '.join(Denominator.__members__)}, "
-                             f"got {values['denominator']!r}")
-        values["denominator"] = Denominator[name]
-    for key, value in values.items():
-        problem = config_type_error(key, value)
-        if problem:
-            raise ValueError(problem)
-    return WeightingConfig(**values)
+    """A config from JSON fields (an export's, or --set items); a wrong key or
+    value type is a ValueError naming it, which maxentctl prints as one line."""
+    try:
+        return cv.as_config(data)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
 
 
 def state_to_json(state: ControllerState) -> dict[str, Any]:
