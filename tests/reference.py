@@ -11,8 +11,7 @@ Conventions spelled out here (each is listed in the test report):
 * A completion excluded by the ``valid`` mask gets advantage 0 and q 0 and is
   left out of its group's mean, std and softmax and of the batch moments; the
   K_g in q's ε·K_g is the number of valid members.
-* SEED-GRPO: with G ≤ 1 (log G = 0) α_eff is taken as 0 (every group then
-  has at most one member, or the configured G is degenerate).
+* SEED-GRPO: with G ≤ 1 (log G = 0) α_eff is α itself.
 * Meta controller: the analytic β gradient needs a KL target (kl_target > 0),
   just as the analytic τ gradient needs an entropy target.
 * Initial log τ = log τ; a run started at τ ≤ 0 starts from log(1e-12).
@@ -182,47 +181,61 @@ def listwise_q(utilities: Sequence[float], temperature: float = 1.0, epsilon: fl
 # §5 SEED-GRPO
 
 
-def _last_box_payload(text: str) -> Optional[str]:
-    """Payload of the last complete \\boxed{...} / \\fbox{...} (balanced braces)."""
-    starts = []
+_ANSWER_TERMINATORS = ",;.!?"
+
+
+def _box_candidates(text: str) -> list:
+    """Every \\boxed / \\fbox candidate, in text order (None where a brace never closes)."""
+    positions = []
     for command in ("\\boxed", "\\fbox"):
         pos = text.find(command)
         while pos != -1:
-            j = pos + len(command)
-            while j < len(text) and text[j].isspace():
-                j += 1
-            if j < len(text) and text[j] == "{":
-                starts.append(j + 1)
+            positions.append(pos + len(command))
             pos = text.find(command, pos + 1)
-    for start in sorted(starts, reverse=True):
-        depth = 1
-        for j in range(start, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:j].strip()
+    candidates = []
+    for j in sorted(positions):
+        while j < len(text) and text[j].isspace():
+            j += 1
+        if j < len(text) and text[j] == "{":
+            depth, candidate = 0, None
+            for k in range(j, len(text)):
+                if text[k] == "{":
+                    depth += 1
+                elif text[k] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        candidate = text[j + 1 : k].strip()
+                        break
+            candidates.append(candidate)
+        else:
+            k = j
+            while k < len(text) and not text[k].isspace() and text[k] not in _ANSWER_TERMINATORS:
+                k += 1
+            candidates.append(text[j:k].strip())
+    return candidates
+
+
+def _tag_at(text: str, i: int, tag: str) -> bool:
+    window = text[i : i + len(tag)]
+    return len(window) == len(tag) and all(c.casefold() == t for c, t in zip(window, tag))
+
+
+def _first_answer_tag(text: str) -> Optional[str]:
+    """Content of the first <answer>...</answer> (any case), stripped; blank is None."""
+    for i in range(len(text)):
+        if _tag_at(text, i, "<answer>"):
+            for k in range(i + len("<answer>"), len(text)):
+                if _tag_at(text, k, "</answer>"):
+                    content = text[i + len("<answer>") : k].strip()
+                    return content if content else None
+            return None
     return None
 
 
-def _last_answer_tag(text: str) -> Optional[str]:
-    open_tag, close_tag = "<answer>", "</answer>"
-    found = None
-    pos = text.find(open_tag)
-    while pos != -1:
-        end = text.find(close_tag, pos + len(open_tag))
-        if end == -1:
-            break
-        found = text[pos + len(open_tag) : end].strip()
-        pos = text.find(open_tag, end + len(close_tag))
-    return found
-
-
 def final_answer(text: str) -> Optional[str]:
-    """Last boxed payload, else last <answer> content, else None."""
-    boxed = _last_box_payload(text)
-    return boxed if boxed is not None else _last_answer_tag(text)
+    """Last non-empty box candidate, else the first <answer> content, else None."""
+    found = [c for c in _box_candidates(text) if c]
+    return found[-1] if found else _first_answer_tag(text)
 
 
 def semantic_entropy(
@@ -262,7 +275,7 @@ def seed_alpha_eff(
     if not normalize_by_max_entropy:
         return alpha
     g = num_generations if num_generations is not None else max(group_sizes, default=0)
-    return alpha / math.log(g) if g > 1 else 0.0
+    return alpha / math.log(g) if g > 1 else alpha
 
 
 def seed_scales(

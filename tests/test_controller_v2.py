@@ -243,7 +243,7 @@ ADAPTIVE = WeightingConfig(tau=0.4, beta=0.05, target_entropy=1.2, tau_lr=0.7, t
 
 
 def _sequence(start: int, n: int) -> list[dict]:
-    return [dict(global_step=start + i, weight_entropy=0.6 + 0.9 * math.sin(0.7 * (start + i)),
+    return [dict(global_step=start + i, weight_entropy=1.0 + 0.9 * math.sin(0.7 * (start + i)),  # >= 0: an entropy
                  measured_kl=0.1 + 0.08 * math.cos(1.3 * (start + i)), max_weight_entropy=2.0 + 0.1 * (i % 3))
             for i in range(n)]
 

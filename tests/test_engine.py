@@ -407,7 +407,7 @@ def test_seed_grpo_end_to_end_from_texts():
     ]
     answers = [final_answer(t) for t in texts]
     assert answers == [ref.final_answer(t) for t in texts]
-    assert answers == ["42", "42", "42", "\\frac{1}{2}", None, "2"]
+    assert answers == ["42", "42", "42", "\\frac{1}{2}", None, "1"]  # the first <answer> tag
     options = RewardOptions(seed_grpo=SeedGrpoSettings(num_generations=6))
     check_rewards([6], [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], options, gen_logp_sum=[-5.0, -6.0, -4.0, -8.0, -9.0, -3.0],
                   token_counts=[5, 6, 4, 8, 9, 3], answers=answers)

@@ -4,10 +4,12 @@ request changes no state."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import grpc
 import pytest
+from google.protobuf import descriptor
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
@@ -24,10 +26,12 @@ DELIBERATE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusC
 EXAMPLES = int(os.environ.get("MAXENT_FUZZ_EXAMPLES", "1000"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
-floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1e308, -1e-300]))
+# Finite extremes too: the bounds of docs/math.md "Input ranges" and far beyond.
+EXTREMES = [0.0, -0.0, 1e308, -1e308, 1e300, -1e300, -1e-300, 1e15, -1e15, 1e16, 1e6, -1e6, 1e7, 1e12]
+floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(EXTREMES))
 counts = st.integers(min_value=-5, max_value=40)
 sizes = st.one_of(st.lists(st.integers(min_value=-2, max_value=6), max_size=6),
-                  st.lists(st.sampled_from([0, 1, 2**31, 2**62, -(2**63)]), max_size=3))
+                  st.lists(st.sampled_from([0, 1, 2**31 - 1, 2**31, 10**12, 2**62, -(2**63)]), max_size=3))
 texts = st.one_of(st.text(max_size=20), st.sampled_from(["\u0000", "é\U0001F600", "x" * 100_000, "\\boxed{" * 50]))
 
 
@@ -45,10 +49,9 @@ def stub(server):
 
 
 def _call(method, request):
-    """(code, field violations) of a call."""
+    """(code, field violations, response) of a call."""
     try:
-        method(request, timeout=30)
-        return grpc.StatusCode.OK, []
+        return grpc.StatusCode.OK, [], method(request, timeout=30)
     except grpc.RpcError as error:
         fields = []
         status = rpc_status.from_call(error)
@@ -56,13 +59,34 @@ def _call(method, request):
             bad = error_details_pb2.BadRequest()
             if detail.Unpack(bad):
                 fields.extend(v.field for v in bad.field_violations)
-        return error.code(), fields
+        return error.code(), fields, None
+
+
+_FLOATING = (descriptor.FieldDescriptor.TYPE_DOUBLE, descriptor.FieldDescriptor.TYPE_FLOAT)
+
+
+def _non_finite(message, path=""):
+    """The first number of a message (nested ones included) that is NaN or infinite."""
+    for field, value in message.ListFields():
+        values = value if field.is_repeated else [value]
+        if field.type in _FLOATING:
+            for x in values:
+                if not math.isfinite(x):
+                    return f"{path}{field.name}={x!r}"
+        elif field.type == field.TYPE_MESSAGE and not field.message_type.GetOptions().map_entry:
+            for item in values:
+                bad = _non_finite(item, f"{path}{field.name}.")
+                if bad:
+                    return bad
+    return None
 
 
 def _check(stub, method, request):
     before = stub.GetRun(pb.GetRunRequest(run_id=RUN)).run.state
-    code, fields = _call(method, request)
+    code, fields, response = _call(method, request)
     assert code in DELIBERATE, (code, request)
+    if response is not None:  # OK answers only finite numbers (docs/math.md, Input ranges)
+        assert _non_finite(response) is None, (_non_finite(response), request)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         assert fields and all(fields), request
     if code != grpc.StatusCode.OK:
@@ -146,8 +170,8 @@ def test_update_controller_rejections_change_nothing(stub, step, entropy, kl, ta
         if value is not None:
             setattr(request, name, value)
     # Only malformed requests are sent: an accepted one would change the state.
-    if request.global_step >= 0 and all(v is None or v == v and abs(v) != float("inf") for v in
-                                        (entropy, kl, tau_grad, lr_scale)) and (lr_scale is None or lr_scale >= 0) \
+    # (In range is |x| <= 1e6; some out-of-range ones are also made malformed here.)
+    if request.global_step >= 0 and all(v is None or abs(v) <= 1e6 for v in (entropy, kl, tau_grad, lr_scale)) \
             and len(request_id) <= 128 and (expected is None or expected >= 0):
         request.global_step = -1
     if expected is not None:

@@ -34,11 +34,19 @@ from .engine import (
 )
 from .engine import combine_rewards
 from .engine import pooling
-from .engine.answers import final_answer
+from .engine.answers import MAX_ANSWER_TEXT_CHARS, final_answer
 from .engine.pooling import ReportResult
 from .errors import RewardFailures, translate_errors, translate_stream_errors
 from .store import RunNotFound, RunRecord, RunStore, StoreUnavailable
-from .validation import MAX_PAGE_SIZE, MAX_REQUEST_ID_LENGTH, Violations
+from .validation import (
+    CONFIG_LIMIT,
+    MAX_PAGE_SIZE,
+    MAX_REQUEST_ID_LENGTH,
+    MEASUREMENT_LIMIT,
+    SAMPLE_COUNT_LIMIT,
+    STATE_LIMIT,
+    Violations,
+)
 
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["MaxEntService"]
@@ -226,10 +234,13 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         utilities, valid, failed, per_reward = self._utilities(request, inputs, cancelled)
         stats = self.engine.reward_statistics(inputs.group_sizes, utilities, inputs.options, valid=valid,
                                               **inputs.engine_kwargs(request))
+        arrays = _reward_arrays(stats, failed)
+        _check_result("reward statistic", _reward_input_names(request), reward_mean=stats.reward_mean,
+                      reward_std=stats.reward_std, **arrays)
         response = pb.ComputeRewardStatisticsResponse(
             per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std
         )
-        return EncodedResponse(response, **_reward_arrays(stats, failed))
+        return EncodedResponse(response, **arrays)
 
     def _step_statistics(self, request, cancelled: threading.Event | None = None) -> EncodedResponse:
         # The run is read once, where the computation runs: its config gives
@@ -247,13 +258,15 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
             **inputs.engine_kwargs(request),
         )
         arrays = {**_reward_arrays(stats, failed), **_weight_arrays(weights)}
+        scalars = _weight_scalars(weights, record)
+        _check_result("step statistic", _reward_input_names(request) + ", ref_logp_sum and the run's tau and beta",
+                      reward_mean=stats.reward_mean, reward_std=stats.reward_std, **scalars, **arrays)
         wanted = set(request.read_mask.paths) if request.HasField("read_mask") else None
         if wanted is not None:
             arrays = {name: values for name, values in arrays.items() if name in wanted}
             per_reward = per_reward if "per_reward" in wanted else []
         response = pb.ComputeStepStatisticsResponse(
-            per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std,
-            **_weight_scalars(weights, record),
+            per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std, **scalars,
         )
         return EncodedResponse(response, **arrays)
 
@@ -319,8 +332,11 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         options = _weight_options(record, request)
         sizes, q, ref, counts, advantages = _parse_weight_inputs(request, options)
         stats = self.engine.weight_stats(sizes, q, ref, counts, options, advantages=advantages)
-        response = pb.ComputeWeightStatsResponse(**_weight_scalars(stats, record))
-        return EncodedResponse(response, **_weight_arrays(stats))
+        scalars, arrays = _weight_scalars(stats, record), _weight_arrays(stats)
+        inputs = "advantages" if options.train_grpo_objective else "q_values, ref_logp_sum and the run's tau and beta"
+        _check_result("weight statistic", inputs, **scalars, **arrays)
+        response = pb.ComputeWeightStatsResponse(**scalars)
+        return EncodedResponse(response, **arrays)
 
     # -- controller ----------------------------------------------------------------
 
@@ -330,11 +346,13 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         results: list[ReportResult] = []  # the store may run `step` more than once: the last run is what it wrote
 
         def step(config: RunConfig, state):
-            state, result = pooling.report(
+            new, result = pooling.report(
                 config, state, update, self.clock(), reporter_id=reporter, sample_count=samples
             )
+            # Raised inside the store's step, so the store writes nothing.
+            _check_new_state(update, new)
             results.append(result)
-            return state
+            return new
 
         outcome = await self._run(
             self._store_pool, self.store.update_controller, request.run_id, request.request_id, expected, step
@@ -482,6 +500,14 @@ def _weight_scalars(stats, record: RunRecord) -> dict[str, Any]:
     return fields
 
 
+def _reward_input_names(request) -> str:
+    """The inputs a reward computation's numbers come from, for errors."""
+    names = ["rewards (their weights and values)" if len(request.rewards) else "utilities"]
+    if request.seed_grpo.enabled:
+        names.append("gen_logp_sum")
+    return ", ".join(names)
+
+
 def _weight_arrays(stats) -> dict[str, Any]:
     return dict(
         weights=stats.weights,
@@ -519,16 +545,16 @@ def _check_advantage_options(v: Violations, message, prefix: str = "") -> None:
 def _check_config(v: Violations, config: pb.WeightingConfig) -> None:
     prefix = "config."
     for name in ("tau", "beta", "tau_min", "tau_lr", "meta_tau_lr", "meta_beta_lr"):
-        v.at_least(prefix + name, getattr(config, name), 0.0)
+        v.within(prefix + name, getattr(config, name), 0.0, CONFIG_LIMIT)
     for name in ("tau_max", "kl_target", "kl_step_size", "meta_beta_grad_clip"):
-        v.finite(prefix + name, getattr(config, name))
+        v.within(prefix + name, getattr(config, name), -CONFIG_LIMIT, CONFIG_LIMIT)
     for name in ("target_entropy", "target_entropy_start", "target_entropy_final"):
         if config.HasField(name):
-            v.finite(prefix + name, getattr(config, name))
+            v.within(prefix + name, getattr(config, name), -CONFIG_LIMIT, CONFIG_LIMIT)
     if config.HasField("target_entropy_start") != config.HasField("target_entropy_final"):
         v.add(prefix + "target_entropy_final", "target_entropy_start and target_entropy_final must be set together")
-    if config.HasField("q_temperature"):
-        v.at_least(prefix + "q_temperature", config.q_temperature, 0.0, strict=True)
+    if config.HasField("q_temperature") and v.at_least(prefix + "q_temperature", config.q_temperature, 0.0, strict=True):
+        v.within(prefix + "q_temperature", config.q_temperature, 0.0, CONFIG_LIMIT)
     if config.HasField("q_epsilon") and v.at_least(prefix + "q_epsilon", config.q_epsilon, 0.0):
         if config.q_epsilon > 1.0:
             v.add(prefix + "q_epsilon", "must be <= 1")
@@ -560,14 +586,14 @@ def _check_initial_state(v: Violations, state: pb.ControllerState, config: pb.We
     """An imported controller state: finite numbers, tau and beta >= 0 (tau
     > 0 where the config needs it), counters >= 0."""
     prefix = "initial_state."
-    tau_ok = v.at_least(prefix + "tau", state.tau, 0.0)
-    beta_ok = v.at_least(prefix + "beta", state.beta, 0.0)
+    tau_ok = v.within(prefix + "tau", state.tau, 0.0, STATE_LIMIT)
+    beta_ok = v.within(prefix + "beta", state.beta, 0.0, STATE_LIMIT)
     v.finite(prefix + "tau_log", state.tau_log)
     for name in ("entropy_ema", "active_target_entropy", "last_weight_entropy", "last_measured_kl"):
         if state.HasField(name):
-            v.finite(prefix + name, getattr(state, name))
+            v.within(prefix + name, getattr(state, name), -STATE_LIMIT, STATE_LIMIT)
     if state.HasField("last_max_weight_entropy"):
-        v.at_least(prefix + "last_max_weight_entropy", state.last_max_weight_entropy, 0.0)
+        v.within(prefix + "last_max_weight_entropy", state.last_max_weight_entropy, 0.0, MEASUREMENT_LIMIT)
     for name in ("global_step", "version", "tau_bound_steps"):
         if getattr(state, name) < 0:
             v.add(prefix + name, "must be >= 0")
@@ -584,7 +610,7 @@ def _check_group_arrays(v: Violations, request, name: str, kind: Callable, n: in
         return None
     array = kind(field)
     if finite:
-        v.all_finite(name, array)
+        v.all_bounded(name, array)
     if non_negative:
         v.all_non_negative(name, array)
     return array
@@ -602,6 +628,8 @@ class _RewardInputs:
         n = v.group_sizes(self.group_sizes)
         groups = len(self.group_sizes)
         self.terms = _terms(request)
+        for i, term in enumerate(self.terms):
+            v.within(f"rewards[{i}].weight", term.weight, -CONFIG_LIMIT, CONFIG_LIMIT)
         self.utilities = None
         if self.terms:
             if len(request.utilities):
@@ -656,8 +684,8 @@ def _reward_options(v: Violations, request, config: RunConfig, inputs: _RewardIn
     has = request.HasField
     temperature = request.q_temperature if has("q_temperature") else config.q_temperature
     epsilon = request.q_epsilon if has("q_epsilon") else config.q_epsilon
-    if has("q_temperature"):
-        v.at_least("q_temperature", temperature, 0.0, strict=True)
+    if has("q_temperature") and v.at_least("q_temperature", temperature, 0.0, strict=True):
+        v.within("q_temperature", temperature, 0.0, CONFIG_LIMIT)
     if has("q_epsilon"):
         v.at_least("q_epsilon", epsilon, 0.0)
     max_len = request.max_completion_len if has("max_completion_len") else None
@@ -696,16 +724,26 @@ def _seed_settings(v: Violations, request, inputs: _RewardInputs) -> SeedGrpoSet
         length_normalize_logprobs=seed.length_normalize_logprobs if seed.HasField("length_normalize_logprobs") else True,
         num_generations=seed.num_generations if seed.HasField("num_generations") else None,
     )
-    v.at_least("seed_grpo.alpha", settings.alpha, 0.0)
+    v.within("seed_grpo.alpha", settings.alpha, 0.0, CONFIG_LIMIT)
     if settings.num_generations is not None and settings.num_generations <= 0:
         v.add("seed_grpo.num_generations", "must be > 0")
     if not len(request.rewards):
         v.length("completions", request.completions, n)
+    _check_answer_texts(v, request.completions)
     if inputs.gen_logp_sum is None:
         v.add("gen_logp_sum", "required when seed_grpo is enabled (one per completion)")
     if settings.length_normalize_logprobs and inputs.token_counts is None:
         v.add("token_counts", "required when seed_grpo.length_normalize_logprobs is on (one per completion)")
     return settings
+
+
+def _check_answer_texts(v: Violations, completions) -> None:
+    """SEED-GRPO reads a final answer from each completion: bound the text (docs/math.md §5)."""
+    for i, text in enumerate(completions):
+        if len(text) > MAX_ANSWER_TEXT_CHARS:
+            v.add(f"completions[{i}]", f"has {len(text)} characters; with seed_grpo a completion may have at most "
+                                       f"{MAX_ANSWER_TEXT_CHARS} (its final answer is read from the text)")
+            return
 
 
 def _parse_weight_inputs(request, options: WeightOptions):
@@ -768,6 +806,20 @@ def _parse_reference(v: Violations, request, options: WeightOptions, n: int):
     return ref, counts
 
 
+# The measurements of an update and their lower bounds; each is at most
+# MEASUREMENT_LIMIT. Weight entropies, the KL (a divergence; its k3 estimate
+# is >= 0 sample by sample) and lr_scale are >= 0; meta gradients have
+# either sign.
+_UPDATE_RANGES = {
+    "weight_entropy": 0.0,
+    "measured_kl": 0.0,
+    "tau_grad": -MEASUREMENT_LIMIT,
+    "beta_grad": -MEASUREMENT_LIMIT,
+    "lr_scale": 0.0,
+    "max_weight_entropy": 0.0,
+}
+
+
 def _parse_update(request) -> tuple[ControllerUpdate, int | None, str, float]:
     """The update, expected_version, reporter_id and sample_count of a request."""
     v = Violations()
@@ -777,24 +829,60 @@ def _parse_update(request) -> tuple[ControllerUpdate, int | None, str, float]:
     if request.global_step < 0:
         v.add("global_step", "must be >= 0")
     optional = {}
-    for name in ("weight_entropy", "measured_kl", "tau_grad", "beta_grad", "lr_scale"):
+    for name, low in _UPDATE_RANGES.items():
         if request.HasField(name):
             optional[name] = getattr(request, name)
-            v.finite(name, optional[name])
-    if optional.get("lr_scale", 1.0) < 0:
-        v.add("lr_scale", "must be >= 0")
-    if request.HasField("max_weight_entropy"):
-        optional["max_weight_entropy"] = request.max_weight_entropy
-        v.at_least("max_weight_entropy", request.max_weight_entropy, 0.0)
+            v.within(name, optional[name], low, MEASUREMENT_LIMIT)
     if len(request.reporter_id) > MAX_REQUEST_ID_LENGTH:
         v.add("reporter_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
     samples = request.sample_count if request.HasField("sample_count") else 1.0
-    v.at_least("sample_count", samples, 0.0, strict=True)
+    if v.at_least("sample_count", samples, 0.0, strict=True) and samples > SAMPLE_COUNT_LIMIT:
+        v.add("sample_count", f"must be <= {SAMPLE_COUNT_LIMIT:g} (docs/math.md, Input ranges), got {samples!r}")
     expected = request.expected_version if request.HasField("expected_version") else None
     if expected is not None and expected < 0:
         v.add("expected_version", "must be >= 0")
     v.raise_if_any()
     return ControllerUpdate(global_step=request.global_step, **optional), expected, request.reporter_id, samples
+
+
+def _check_new_state(update: ControllerUpdate, state) -> None:
+    """Refuse (INVALID_ARGUMENT naming the measurement) an update that would
+    leave the controller state non-finite, or tau or beta beyond STATE_LIMIT."""
+    v = Violations()
+    # What moves each number: beta the KL controller (or meta g_beta), the
+    # rest the entropy measurement (or meta g_tau); lr_scale scales both.
+    beta_cause = "beta_grad" if update.beta_grad is not None else "measured_kl"
+    tau_cause = "tau_grad" if update.tau_grad is not None else "weight_entropy"
+    checks = [
+        ("tau", state.tau, tau_cause, STATE_LIMIT),
+        ("beta", state.beta, beta_cause, STATE_LIMIT),
+        ("tau_log", state.tau_log, tau_cause, None),
+        ("entropy_ema", state.entropy_ema, "weight_entropy", None),
+    ]
+    checks += [(f"pooled {name}", total, name, None) for name, total, _ in state.pending_sums]
+    for name, value, cause, limit in checks:
+        if value is None:
+            continue
+        if not np.isfinite(value):
+            v.add(cause, f"would make the controller's {name} non-finite ({value!r}); update refused, state unchanged")
+        elif limit is not None and abs(value) > limit:
+            v.add(cause, f"would make the controller's {name} {value!r}, beyond {limit:g} (docs/math.md, Input "
+                         "ranges); update refused, state unchanged")
+    v.raise_if_any()
+
+
+def _check_result(what: str, inputs: str, **values: Any) -> None:
+    """The last guard before OK: every number of a response finite, else
+    INVALID_ARGUMENT naming the inputs (never NaN or infinity with OK)."""
+    v = Violations()
+    for name, value in values.items():
+        if value is None:
+            continue
+        array = np.asarray(value)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            v.add(inputs, f"give a non-finite {what} {name}; reduce their magnitude (docs/math.md, Input ranges)")
+            break
+    v.raise_if_any()
 
 
 def _failure_list(terms, evaluation) -> list[tuple[str, str]]:

@@ -14,6 +14,26 @@ RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._\-:/]{1,128}")
 MAX_REQUEST_ID_LENGTH = 128
 MAX_PAGE_SIZE = 1000
 
+# Input ranges (docs/math.md, "Input ranges"). Far beyond what any trainer
+# sends, and small enough that every computation on values in range stays
+# finite in float64 (whose largest number is about 1.8e308):
+# - per-completion numbers (utilities, advantages, log-prob sums): |x| <=
+#   VALUE_LIMIT. Their squares (<= 4e30 after centring) summed over any batch
+#   that fits in a message, and the largest logits (1e15 times a beta up to
+#   STATE_LIMIT, over a denominator floored at 1e-8) stay far from overflow.
+VALUE_LIMIT = 1e15
+# - controller measurements (weight entropies, KL, meta gradients, lr_scale)
+#   and config numbers (tau, beta, learning rates, targets, step sizes):
+#   |x| <= MEASUREMENT_LIMIT. One controller step then moves log tau by at
+#   most 1e6 * 1e6 * 2e6 and multiplies beta by at most 1 + 1e6.
+MEASUREMENT_LIMIT = 1e6
+CONFIG_LIMIT = MEASUREMENT_LIMIT
+# - the sample count of a pooled report (its weight in the n-weighted mean).
+SAMPLE_COUNT_LIMIT = 1e15
+# - a controller state: tau and beta at most STATE_LIMIT, every number
+#   finite. An update that would leave the state beyond it is refused.
+STATE_LIMIT = 1e12
+
 
 class InvalidArgument(Exception):
     """Raised with the list of (field, description) violations."""
@@ -66,6 +86,15 @@ class Violations:
             return False
         return True
 
+    def within(self, field: str, value: float, low: float, high: float) -> bool:
+        """low <= value <= high, value finite."""
+        if not self.finite(field, value):
+            return False
+        if not low <= value <= high:
+            self.add(field, f"must be in [{low:g}, {high:g}] (docs/math.md, Input ranges), got {value!r}")
+            return False
+        return True
+
     # -- array checks --------------------------------------------------------
 
     def length(self, field: str, values: Sequence, expected: int, *, optional: bool = False) -> bool:
@@ -86,6 +115,21 @@ class Violations:
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
             self.add(f"{field}[{bad[0]}]", f"must be finite, got {float(values[bad[0]])!r}")
+
+    def all_bounded(self, field: str, values: np.ndarray, limit: float = VALUE_LIMIT) -> None:
+        """Every value finite with |x| <= limit; names the first that is not."""
+        # min and max propagate NaN, so two passes without temporaries clear
+        # the usual case.
+        if not values.size or (values.min() >= -limit and values.max() <= limit):
+            return
+        bad = np.flatnonzero(~(np.abs(values) <= limit))
+        if bad.size:
+            value = float(values[bad[0]])
+            if math.isfinite(value):
+                self.add(f"{field}[{bad[0]}]", f"must be in [-{limit:g}, {limit:g}] (docs/math.md, Input ranges), "
+                                               f"got {value!r}")
+            else:
+                self.add(f"{field}[{bad[0]}]", f"must be finite, got {value!r}")
 
     def all_non_negative(self, field: str, values: np.ndarray) -> None:
         if not values.size or values.min() >= 0:

@@ -176,6 +176,7 @@ def seed_advantage_scales(
     if settings.normalize_by_max_entropy:
         largest = int(seg.sizes.max()) if seg.num_groups else 0
         g = settings.num_generations if settings.num_generations is not None else largest
-        # With G <= 1 every group has a single member and H_g = 0: no scaling.
-        alpha = alpha / math.log(g) if g > 1 else 0.0
+        # log(G) is 0 for G <= 1: alpha itself then (every group has a single
+        # member and H_g = 0, so the scale is 1 either way).
+        alpha = alpha / math.log(g) if g > 1 else alpha
     return entropy, 1.0 / (1.0 + alpha * entropy)

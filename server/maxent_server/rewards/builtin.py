@@ -3,10 +3,11 @@
 ``format``, ``boxed_accuracy``, ``missing_boxed_penalty`` and ``length`` are
 cheap and run where :meth:`RewardRunner.evaluate` is called. Their only
 potentially slow step, the final-answer extraction of
-:mod:`maxent_server.engine.answers`, is quadratic on degenerate inputs (many
-unclosed ``\\boxed{`` or ``<answer>`` openings); :func:`extraction_cost`
-bounds its work, and completions over :data:`INPROCESS_EXTRACTION_LIMIT` are
-extracted in the worker pool under the per-completion time limit instead.
+:mod:`maxent_server.engine.answers`, is linear in the text but still costs
+about a quarter of a microsecond per brace; :func:`extraction_cost` is a
+conservative estimate of that work, and completions over
+:data:`INPROCESS_EXTRACTION_LIMIT` are extracted in the worker pool under the
+per-completion time limit instead.
 
 ``math_accuracy`` runs in the worker pool (see :mod:`._worker`).
 """
@@ -27,8 +28,9 @@ MATH_ACCURACY = "math_accuracy"
 
 MATH_ACCURACY_DESCRIPTION = (
     "1.0 when the completion's final answer is mathematically equivalent to the gold answer, else 0.0. "
-    "The final answer is the payload of the last \\boxed{...} or \\fbox{...} (braces balanced), else the "
-    "content of the last <answer>...</answer>; a completion with neither, or with an empty one, scores 0.0. "
+    "The final answer is the last non-empty \\boxed or \\fbox payload (braces balanced; a brace-less "
+    "\\boxed 4 reads 4), else the content of the first <answer>...</answer> (tags case-insensitive); a "
+    "completion with neither, or with only empty ones, scores 0.0. "
     "Both the final answer and the gold answer are wrapped as \\boxed{...} and parsed with math-verify's parse "
     "(LaTeX and plain-expression extraction), then compared with math-verify's verify(gold, answer) "
     "(float_rounding digits, numeric_precision 15, strict): so \\frac12 = 0.5 = 1/2, (x+1)^2 = x^2+2x+1, "
@@ -112,9 +114,9 @@ INPROCESS_EXTRACTION_LIMIT = 100_000
 
 
 def extraction_cost(text: str) -> int:
-    """An upper bound of the work of ``final_answer``/``last_boxed`` on ``text``.
-
-    ``last_boxed`` scans the braces after each box opening, from the last one
+    """A conservative estimate of the work of ``final_answer``/``last_boxed``
+    on ``text`` (it bounds what the quadratic extraction of old cost; the
+    linear one costs less). ``last_boxed`` scanned the braces after each box opening, from the last one
     back until one closes: at most (box openings) x (braces) Python steps.
     ``last_answer_tag``'s lazy regex scans the rest of the text after each
     ``<answer>`` it tries: at most (openings) x (length) C steps, counted at
