@@ -90,39 +90,28 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         metrics = self.metrics
 
         async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            started = time.perf_counter()
-            if metrics is not None:
-                metrics.call_started(service, method)
-            code = grpc.StatusCode.OK
-            principal: Principal | None = None
-            request = None
-            response_bytes = 0
+            call = _CallRecord(self, service, method, raw, context)
             try:
-                principal, request = await self._admit(raw, context, method, deserialize, protected)
+                call.principal, call.request = await self._admit(raw, context, method, deserialize, protected)
+                principal, request = call.principal, call.request
                 if principal is not None and method == "ListRuns" and not principal.all_runs:
                     response = await _list_visible_runs(inner, request, context, principal)
                 else:
                     response = await inner(request, context)
                 out = serialize(response) if serialize is not None else response
-                response_bytes = len(out)
+                call.response_bytes = len(out)
                 if metrics is not None and maxent:
                     # An EncodedResponse carries its scalar fields as .message.
                     metrics.observe_response(method, request, getattr(response, "message", response))
                 return out
             except asyncio.CancelledError:
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                call.interrupted()
                 raise
             except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+                call.failed(context)
                 raise
             finally:
-                seconds = time.perf_counter() - started
-                if metrics is not None:
-                    metrics.call_finished(service, method, code.name, seconds, len(raw), response_bytes)
-                if self.access_log:
-                    _log_call(service, method, code, seconds, raw, response_bytes, request, principal, context)
+                call.finish()
 
         return behavior
 
@@ -134,49 +123,79 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         deserialize = handler.request_deserializer
         serialize = handler.response_serializer
         protected = self.authorizer is not None
-        metrics = self.metrics
 
         async def behavior(raw: bytes, context: grpc.aio.ServicerContext):
-            started = time.perf_counter()
-            if metrics is not None:
-                metrics.call_started(service, method)
-            code = grpc.StatusCode.OK
-            principal: Principal | None = None
-            request = None
-            response_bytes = 0
+            call = _CallRecord(self, service, method, raw, context)
             try:
-                principal, request = await self._admit(raw, context, method, deserialize, protected)
-                async for response in inner(request, context):
+                call.principal, call.request = await self._admit(raw, context, method, deserialize, protected)
+                async for response in inner(call.request, context):
                     out = serialize(response) if serialize is not None else response
-                    response_bytes += len(out)
+                    call.response_bytes += len(out)
                     yield out
             except (asyncio.CancelledError, GeneratorExit):
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                # The stream may be closed after its call is gone: the
+                # context must not be touched here (grpc can crash on it).
+                call.interrupted()
                 raise
             except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+                call.failed(context)
                 raise
             finally:
-                seconds = time.perf_counter() - started
-                if metrics is not None:
-                    metrics.call_finished(service, method, code.name, seconds, len(raw), response_bytes)
-                if self.access_log:
-                    _log_call(service, method, code, seconds, raw, response_bytes, request, principal, context)
+                call.finish()
 
         return behavior
 
 
-def _log_call(service, method, code, seconds, raw, response_bytes, request, principal, context) -> None:
+class _CallRecord:
+    """One call's bookkeeping: counted in flight from its start, and when it
+    ends, its status and sizes go to the metrics and the access log."""
+
+    def __init__(self, interceptor: CallInterceptor, service: str, method: str, raw: bytes, context) -> None:
+        self.metrics, self.access_log = interceptor.metrics, interceptor.access_log
+        self.service, self.method, self.raw = service, method, raw
+        self.started = time.perf_counter()
+        # Read from the context while the call surely exists; a call that ends
+        # by cancellation may have none left to ask.
+        remaining = context.time_remaining()
+        self.deadline = None if remaining is None else self.started + remaining
+        self.peer = _peer(context)
+        self.code = grpc.StatusCode.OK
+        self.principal: Principal | None = None
+        self.request = None
+        self.response_bytes = 0
+        if self.metrics is not None:
+            self.metrics.call_started(service, method)
+
+    def interrupted(self) -> None:
+        """The client went away, or the deadline passed."""
+        expired = self.deadline is not None and time.perf_counter() >= self.deadline
+        self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+    def failed(self, context) -> None:
+        self.code = context.code() or grpc.StatusCode.UNKNOWN
+
+    def finish(self) -> None:
+        seconds = time.perf_counter() - self.started
+        if self.metrics is not None:
+            self.metrics.call_finished(self.service, self.method, self.code.name, seconds, len(self.raw),
+                                       self.response_bytes)
+        if self.access_log:
+            _log_call(self.service, self.method, self.code, seconds, self.raw, self.response_bytes, self.request,
+                      self.principal, self.peer)
+
+
+def _peer(context) -> str | None:
+    try:
+        return context.peer()
+    except Exception:  # noqa: BLE001 - the peer is only informative
+        return None
+
+
+def _log_call(service, method, code, seconds, raw, response_bytes, request, principal, peer) -> None:
     quiet = service in _QUIET_SERVICES
     completions = None
     if method in _BATCH_METHODS and request is not None and service == MAXENT_SERVICE:
         completions = completions_in(request)
-    try:
-        peer = context.peer()
-    except Exception:  # noqa: BLE001 - the peer is only informative
-        peer = None
     log_rpc(
         10 if quiet else 20,  # DEBUG for health checks and reflection, INFO otherwise
         method=method,
