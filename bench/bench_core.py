@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from maxent_client import MaxEntClient, WeightingConfig  # noqa: E402
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb  # noqa: E402
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb  # noqa: E402
 from maxent_server.engine import Engine, RewardOptions, WeightOptions  # noqa: E402
 from server_process import ServerProcess, free_port  # noqa: E402
 

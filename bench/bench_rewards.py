@@ -34,7 +34,7 @@ except ImportError:  # running from a checkout without the package installed
 
 from math_verify import parse, verify  # noqa: E402
 
-from maxent_server.engine.answers import final_answer  # noqa: E402
+from maxent_server.domain.answers import final_answer  # noqa: E402
 from maxent_client import MaxEntClient, RewardTerm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

@@ -1,4 +1,4 @@
-"""Regenerate the Python stubs in client/maxent_client/_generated from proto/.
+"""Regenerate the Python stubs in api/maxent_api/_generated from proto/.
 
 Usage:
     python scripts/gen_proto.py          # rewrite the checked-in stubs
@@ -18,11 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTO_FILES = ["maxent/v1/maxent.proto"]
-OUT_DIR = ROOT / "client" / "maxent_client" / "_generated"
-PACKAGE = "maxent_client._generated"
+OUT_DIR = ROOT / "api" / "maxent_api" / "_generated"
+PACKAGE = "maxent_api._generated"
 
 # protoc writes absolute imports rooted at proto/ ("from maxent.v1 import");
-# the stubs live inside the client package, so those imports are re-rooted.
+# the stubs live inside the contract package, so those imports are re-rooted.
 _IMPORT_FIXES = [
     (re.compile(r"\bfrom maxent\.v1 import\b"), f"from {PACKAGE}.maxent.v1 import"),
     (re.compile(r"\bimport maxent\.v1\.maxent_pb2\b"), f"import {PACKAGE}.maxent.v1.maxent_pb2"),

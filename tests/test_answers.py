@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.dirname(__file__))
 import reference as ref  # noqa: E402
 
-from maxent_server.engine.answers import final_answer, last_boxed  # noqa: E402
+from maxent_server.domain.answers import final_answer, last_boxed  # noqa: E402
 
 PIECES = ["\\boxed", "\\fbox", "{", "}", " ", "\n", "\t", "x", "42", ",", ".", "!", "?", ";", "\\",
           "<answer>", "</answer>", "<ANSWER>", "</Answer>", "<answer", "ſ", "\u2003"]

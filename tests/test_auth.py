@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from maxent_server.auth import Authorizer, Principal, Role, TokenFileError, bearer_token, parse_token_file
 from ops_support import listening_addresses, metadata, samples, scrape, wait_for_log, write_tokens
 from server_process import ServerProcess, free_port

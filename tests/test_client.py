@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from maxent_client import InvalidArgumentError, MaxEntClient, UnavailableError, WeightingConfig
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 
 
 class FlakyServicer(pb_grpc.MaxEntServiceServicer):

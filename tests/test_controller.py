@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reference as ref  # noqa: E402
 
-from maxent_server.engine import ControllerState, ControllerUpdate, RunConfig, apply_update  # noqa: E402
+from maxent_server.domain import ControllerState, ControllerUpdate, RunConfig, apply_update  # noqa: E402
 
 HYPO = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEWER = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -22,11 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
 
 from maxent_client import WeightingConfig  # noqa: E402
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb  # noqa: E402
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb  # noqa: E402
 from maxent_client.cli import main as ctl_main  # noqa: E402
 from maxent_client.errors import AlreadyExistsError, InvalidArgumentError  # noqa: E402
 from maxent_client.models import Denominator  # noqa: E402
-from maxent_server.engine import ControllerState, ControllerUpdate, RunConfig, apply_update  # noqa: E402
+from maxent_server.domain import ControllerState, ControllerUpdate, RunConfig, apply_update  # noqa: E402
 
 REF_FIELDS = {f.name for f in dataclasses.fields(ref.ControllerConfig)}
 

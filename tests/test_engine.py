@@ -21,16 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reference as ref  # noqa: E402
 
+from maxent_server.domain import Baseline, Denominator, final_answer  # noqa: E402
 from maxent_server.engine import (  # noqa: E402
-    Baseline,
-    Denominator,
     Engine,
     RewardOptions,
     SeedGrpoSettings,
     WeightOptions,
     combine_rewards,
 )
-from maxent_server.engine.answers import final_answer  # noqa: E402
 
 TOL = 1e-6
 HYPO = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -15,16 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reference as ref  # noqa: E402
 
-from maxent_server.engine import (  # noqa: E402
-    ControllerState,
-    ControllerUpdate,
-    Denominator,
-    Engine,
-    RewardOptions,
-    RunConfig,
-    WeightOptions,
-    apply_update,
-)
+from maxent_server.domain import ControllerState, ControllerUpdate, Denominator, RunConfig, apply_update  # noqa: E402
+from maxent_server.engine import Engine, RewardOptions, WeightOptions  # noqa: E402
 
 HYPO = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ENGINE = Engine(device="cpu")

@@ -13,8 +13,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 
 
 @pytest.fixture()
@@ -178,7 +178,7 @@ def test_reward_term_weight_range(stub):
 
 def test_final_guard_turns_non_finite_results_into_invalid_argument():
     from maxent_server.service import _check_result
-    from maxent_server.validation import InvalidArgument
+    from maxent_server.domain.validation import InvalidArgument
 
     _check_result("weight statistic", "q_values", weights=np.array([0.5, 0.5]), tau=0.5, failed=None)
     with pytest.raises(InvalidArgument) as info:

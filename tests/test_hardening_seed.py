@@ -19,9 +19,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from maxent_client import SeedGrpo
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
-from maxent_server.engine.answers import MAX_ANSWER_TEXT_CHARS, final_answer, last_boxed
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from maxent_server.domain.answers import MAX_ANSWER_TEXT_CHARS, final_answer, last_boxed
 
 UNCLOSED = "\\boxed{" * 60000  # 420 000 characters
 

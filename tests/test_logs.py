@@ -10,8 +10,8 @@ import logging
 import grpc
 import pytest
 
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from maxent_server.logs import RPC_LOGGER, JsonFormatter, configure_logging, log_rpc
 from ops_support import metadata, write_tokens
 from server_process import ServerProcess

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maxent_client import WeightingConfig
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 
 RUN = "fuzz/probe"
 DELIBERATE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,

@@ -17,8 +17,8 @@ import grpc
 import numpy as np
 import pytest
 
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from maxent_server.metrics import Metrics, RunGauges
 from ops_support import rpc_count, samples, scrape, value
 from server_process import ServerProcess, free_port

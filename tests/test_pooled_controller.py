@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from maxent_client import MaxEntClient, MaxEntError, WeightingConfig
-from maxent_server.engine import ControllerState, ControllerUpdate, RunConfig, apply_update
+from maxent_server.domain import ControllerState, ControllerUpdate, RunConfig, apply_update
 from maxent_server.engine.pooling import ReportResult, report
 from pooled_job import job_name, measurements
 from redis_process import REDIS_SERVER, SKIP_REASON, RedisProcess

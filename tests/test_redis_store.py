@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import redis
 
-from maxent_server.engine import ControllerState, RunConfig
+from maxent_server.domain import ControllerState, RunConfig
 from maxent_server.store import RunConflict, RunNotFound, StoreUnavailable, VersionMismatch, open_store
 from maxent_server.store.redis import RedisSettings, RedisStore, store_from_url
 from redis_process import REDIS_SERVER, SKIP_REASON, RedisProcess, make_tls_files

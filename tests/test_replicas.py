@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from maxent_client import MaxEntClient, MaxEntError, WeightingConfig
-from maxent_server.engine import ControllerState, ControllerUpdate, apply_update
+from maxent_server.domain import ControllerState, ControllerUpdate, apply_update
 from maxent_server.store.redis import RedisStore
 from redis_process import REDIS_SERVER, SKIP_REASON, RedisProcess
 from server_process import ServerProcess

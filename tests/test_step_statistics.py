@@ -18,7 +18,7 @@ from maxent_client import (
     RewardTerm,
     WeightingConfig,
 )
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_client.errors import from_rpc_error
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from maxent_server.engine import ControllerState, RunConfig
+from maxent_server.domain import ControllerState, RunConfig
 from maxent_server.store import RunConflict, RunNotFound, SqliteStore, VersionMismatch
 
 

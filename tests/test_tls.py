@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from ops_support import TlsServerProcess, channel_credentials, make_pki, metadata, scrape, write_tokens
 from server_process import ServerProcess, free_port
 

@@ -19,8 +19,8 @@ import grpc
 import pytest
 
 from maxent_client import AsyncMaxEntClient, MaxEntClient, NotFoundError, WeightingConfig
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from maxent_client.cli import WATCH_COLUMNS, main
 from ops_support import metadata, write_tokens
 from redis_process import REDIS_SERVER, SKIP_REASON, RedisProcess

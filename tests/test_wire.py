@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._wire import array, decode, encode, fill
+from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api.wire import array, decode, encode, fill
 
 int64s = st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=50)
 doubles = st.lists(st.floats(allow_nan=False), max_size=50)

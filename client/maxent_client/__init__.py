@@ -7,7 +7,7 @@
         weights = client.compute_weight_stats("exp-1", q_values=stats.q_values, ...)
 
 Needs only grpcio, protobuf and numpy. The generated stubs live in
-maxent_client._generated for callers who want the raw messages.
+maxent_api._generated for callers who want the raw messages.
 """
 
 from .aio import AsyncMaxEntClient

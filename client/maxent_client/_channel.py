@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import grpc
+from maxent_api import SERVICE_NAME
 
-SERVICE = "maxent.v1.MaxEntService"
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 # HTTP/2 keepalive while a call is open (a WatchRun stream may carry no data
 # for a long time): a ping every KEEPALIVE_TIME_MS, the connection declared
@@ -43,7 +43,7 @@ def retry_service_config(*, max_attempts: int, initial_backoff: float, max_backo
         "backoffMultiplier": 2,
         "retryableStatusCodes": list(retryable),
     }
-    return json.dumps({"methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": policy}]})
+    return json.dumps({"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": policy}]})
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api import pb
+
 from .models import ControllerState, Denominator, Run, WeightingConfig
 
 _OPTIONAL_CONFIG = {"length_normalize_ref", "q_temperature", "q_epsilon", "target_entropy",

@@ -6,9 +6,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from maxent_api import pb
+from maxent_api.wire import array, encode
+
 from . import _convert as cv
-from ._generated.maxent.v1 import maxent_pb2 as pb
-from ._wire import array, encode
 from .models import (
     FailurePolicy,
     RewardFunctionInfo,

@@ -8,9 +8,10 @@ from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
+from maxent_api import pb
+
 from . import _convert as cv
 from . import _messages as msg
-from ._generated.maxent.v1 import maxent_pb2 as pb
 from .client import ClientBase, _WatchCursor
 from .errors import from_rpc_error
 from .models import (
@@ -26,7 +27,6 @@ from .models import (
     WeightingConfig,
     WeightStats,
 )
-
 
 
 class AsyncMaxEntClient(ClientBase):

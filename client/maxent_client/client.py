@@ -11,12 +11,12 @@ from typing import Any, Iterator, Sequence
 
 import grpc
 
+from maxent_api import SERVICE_NAME, pb, pb_grpc
+from maxent_api.wire import decode
+
 from . import _convert as cv
 from . import _messages as msg
-from ._channel import SERVICE, ChannelSettings
-from ._generated.maxent.v1 import maxent_pb2 as pb
-from ._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
-from ._wire import decode
+from ._channel import ChannelSettings
 from .errors import from_rpc_error
 from .models import (
     ControllerState,
@@ -83,7 +83,7 @@ class ClientBase:
         # read their responses' arrays with numpy (_wire.decode).
         self._encoded = {
             name: self._channel.unary_unary(
-                f"/{SERVICE}/{name}",
+                f"/{SERVICE_NAME}/{name}",
                 request_serializer=None,
                 response_deserializer=partial(decode, getattr(pb, f"{name}Response")),
             )

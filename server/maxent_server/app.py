@@ -15,16 +15,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from maxent_api import SERVICE_NAME
+
 from .auth import Authorizer, TokenFileError
 from .engine import Engine
 from .interceptor import CallInterceptor
 from .metrics import Metrics, MetricsServer
-from .service import SERVICE, MaxEntServicer, add_to_server
+from .service import MaxEntServicer, add_to_server
 from .store import StoreError, open_store
 from .tls import TlsConfigError, grpc_server_credentials, http_ssl_context, tls_files
 
 log = logging.getLogger("maxent_server")
-SERVICE_NAME = SERVICE.full_name
 # Clients ping every 30 s while a call is open (maxent_client._channel): allow
 # pings 10 s apart on a stream that carries no data (the default, 5 min, would
 # close their connections with too_many_pings), and ping clients every 60 s

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-MAXENT_SERVICE = "maxent.v1.MaxEntService"
+from maxent_api import SERVICE_NAME as MAXENT_SERVICE
+
 _HEX_DIGEST = re.compile(r"^[0-9a-fA-F]{64}$")
 
 

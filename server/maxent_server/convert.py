@@ -5,10 +5,17 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._wire import array
+from maxent_api import pb
+from maxent_api.wire import array
 
-from .engine import Baseline, ControllerState, Denominator, EntropyScope, RunConfig, Scaling
+from .domain import (
+    Baseline,
+    ControllerState,
+    Denominator,
+    EntropyScope,
+    RunConfig,
+    Scaling,
+)
 from .store import RunRecord
 
 _DENOMINATORS = {

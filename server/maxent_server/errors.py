@@ -11,8 +11,8 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from .domain.validation import InvalidArgument
 from .store import RunConflict, RunNotFound, StoreUnavailable, VersionMismatch
-from .validation import InvalidArgument
 
 log = logging.getLogger("maxent_server")
 

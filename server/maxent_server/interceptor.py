@@ -28,12 +28,12 @@ import time
 
 import grpc
 
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
+from maxent_api import pb
 
 from .auth import MAXENT_SERVICE, Authorizer, Principal
+from .domain.validation import MAX_PAGE_SIZE
 from .logs import log_rpc
 from .metrics import Metrics, completions_in
-from .validation import MAX_PAGE_SIZE
 
 _BATCH_METHODS = frozenset({"ComputeRewardStatistics", "ComputeWeightStats", "ComputeStepStatistics"})
 _QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",

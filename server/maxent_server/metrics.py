@@ -26,28 +26,32 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
-
-from maxent_client._wire import array
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    GCCollector,
     Gauge,
+    GCCollector,
     Histogram,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
 )
 from prometheus_client.exposition import choose_encoder, gzip_accepted
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from maxent_api import SERVICE_NAME as MAXENT_SERVICE
+from maxent_api.wire import array
 
 from . import __version__
 from .auth import bearer_token
 
 log = logging.getLogger("maxent_server.metrics")
 
-MAXENT_SERVICE = "maxent.v1.MaxEntService"
 MAXENT_METHODS = (
     "CreateRun",
     "GetRun",

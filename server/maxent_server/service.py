@@ -18,27 +18,18 @@ from typing import Any, Callable, TypeVar
 import grpc
 import numpy as np
 
-from maxent_client._generated.maxent.v1 import maxent_pb2 as pb
-from maxent_client._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
-from maxent_client._wire import decode, encode, fill
+from maxent_api import SERVICE, pb, pb_grpc
+from maxent_api.wire import decode, encode, fill
 
 from . import convert
-from .engine import (
+from .domain import (
+    MAX_ANSWER_TEXT_CHARS,
     ControllerUpdate,
-    Engine,
     EntropyScope,
-    RewardOptions,
     RunConfig,
-    SeedGrpoSettings,
-    WeightOptions,
+    final_answer,
 )
-from .engine import combine_rewards
-from .engine import pooling
-from .engine.answers import MAX_ANSWER_TEXT_CHARS, final_answer
-from .engine.pooling import ReportResult
-from .errors import RewardFailures, translate_errors, translate_stream_errors
-from .store import RunNotFound, RunRecord, RunStore, StoreUnavailable
-from .validation import (
+from .domain.validation import (
     CONFIG_LIMIT,
     MAX_PAGE_SIZE,
     MAX_REQUEST_ID_LENGTH,
@@ -47,9 +38,19 @@ from .validation import (
     STATE_LIMIT,
     Violations,
 )
+from .engine import (
+    Engine,
+    RewardOptions,
+    SeedGrpoSettings,
+    WeightOptions,
+    combine_rewards,
+    pooling,
+)
+from .engine.pooling import ReportResult
+from .errors import RewardFailures, translate_errors, translate_stream_errors
+from .store import RunNotFound, RunRecord, RunStore, StoreUnavailable
 
 T = TypeVar("T")
-SERVICE = pb.DESCRIPTOR.services_by_name["MaxEntService"]
 DEFAULT_PAGE_SIZE = 100
 # Batches up to this many completions are computed on the event loop itself
 # when that needs no network: they take well under a millisecond, less than

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .controller import Denominator
+from ..domain.controller import Denominator
 from .segments import Segments
 from .statistics import (
     Baseline,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from .controller import ControllerState, ControllerUpdate, RunConfig, apply_update
+from ..domain.controller import ControllerState, ControllerUpdate, RunConfig, apply_update
 
 # Measurements pooled as n-weighted means: every optional number of an update.
 _POOLED = tuple(f.name for f in fields(ControllerUpdate) if f.name != "global_step")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .controller import Baseline, Scaling
+from ..domain.controller import Baseline, Scaling
 from .segments import Segments
 
 ADVANTAGE_STD_EPS = 1e-4

@@ -3,7 +3,7 @@
 ``format``, ``boxed_accuracy``, ``missing_boxed_penalty`` and ``length`` are
 cheap and run where :meth:`RewardRunner.evaluate` is called. Their only
 potentially slow step, the final-answer extraction of
-:mod:`maxent_server.engine.answers`, is linear in the text but still costs
+:mod:`maxent_server.domain.answers`, is linear in the text but still costs
 about a quarter of a microsecond per brace; :func:`extraction_cost` is a
 conservative estimate of that work, and completions over
 :data:`INPROCESS_EXTRACTION_LIMIT` are extracted in the worker pool under the
@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from maxent_server.engine.answers import final_answer, last_boxed
+from maxent_server.domain.answers import final_answer, last_boxed
 
 FORMAT = "format"
 LENGTH = "length"

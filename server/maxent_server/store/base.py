@@ -11,7 +11,7 @@ import abc
 from dataclasses import dataclass
 from typing import Callable
 
-from ..engine import ControllerState, RunConfig
+from ..domain import ControllerState, RunConfig
 
 # How many applied request ids a backend remembers per run, at least.
 REQUEST_ID_RETENTION = 10_000

@@ -80,7 +80,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
         "the Redis state store needs the 'redis' package (pip install 'redis>=5')"
     ) from error
 
-from ..engine import ControllerState, RunConfig
+from ..domain import ControllerState, RunConfig
 from .base import (
     REQUEST_ID_RETENTION,
     ControllerStep,

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from ..engine import ControllerState, RunConfig
+from ..domain import ControllerState, RunConfig
 from .base import (
     REQUEST_ID_RETENTION,
     ControllerStep,

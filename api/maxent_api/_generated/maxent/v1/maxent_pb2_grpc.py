@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from maxent_client._generated.maxent.v1 import maxent_pb2 as maxent_dot_v1_dot_maxent__pb2
+from maxent_api._generated.maxent.v1 import maxent_pb2 as maxent_dot_v1_dot_maxent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

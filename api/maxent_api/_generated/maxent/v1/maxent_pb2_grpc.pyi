@@ -17,7 +17,7 @@ Conventions:
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from maxent_client._generated.maxent.v1 import maxent_pb2 as _maxent_pb2
+from maxent_api._generated.maxent.v1 import maxent_pb2 as _maxent_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
