@@ -36,6 +36,7 @@ from typing import Any
 from math_verify import parse, verify
 
 from .builtin import extract
+from .library import WORKER_FUNCTIONS
 
 PLUGIN_GROUP = "maxent.rewards"
 GOLD_CACHE_SIZE = 4096
@@ -122,7 +123,7 @@ class WorkerState:
         self.gold_cache: OrderedDict[str, Any] = OrderedDict()
         # (gold_parses, answer_parses, verifications, plugin_calls) of the current item
         self.stats = [0, 0, 0, 0]
-        self.plugins: dict[str, Callable[..., Any]] = {}
+        self.plugins: dict[str, Callable[..., Any]] = dict(WORKER_FUNCTIONS)
         self.plugin_errors: dict[str, str] = {}
         for name, value in plugins:
             try:

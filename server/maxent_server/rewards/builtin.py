@@ -44,10 +44,20 @@ BOXED_ACCURACY_DESCRIPTION = (
     "whitespace is deleted. 0.0 when they differ or the completion has no complete boxed answer. "
     "The completion FAILS when the gold answer is empty after normalisation."
 )
+FORMAT_RULE_STRICT = "strict"
+FORMAT_RULE_LIBRARY = "library"
+FORMAT_RULES = (FORMAT_RULE_STRICT, FORMAT_RULE_LIBRARY)
 FORMAT_DESCRIPTION = (
-    "1.0 when the completion, stripped of leading and trailing whitespace, starts with <think>, ends with "
-    "</answer>, has only whitespace between </think> and <answer>, and contains each of the four tags "
-    "<think>, </think>, <answer>, </answer> exactly once; else 0.0. Tag contents are not checked."
+    "rule=strict (default): 1.0 when the completion, stripped of leading and trailing whitespace, starts with "
+    "<think>, ends with </answer>, has only whitespace between </think> and <answer>, and contains each of the "
+    "four tags <think>, </think>, <answer>, </answer> exactly once; else 0.0. Tag contents are not checked. "
+    "rule=library (the published library's and open-r1's rule, the regex "
+    "^<think>\\n.*?\\n</think>\\n<answer>\\n.*?\\n</answer>$ matched at the start with DOTALL and "
+    "MULTILINE): 1.0 when the completion starts with <think> and a newline, contains later a newline, </think>, "
+    "newline, <answer>, newline (in one piece), and after that a newline and </answer> that end the completion "
+    "or are followed by a newline; else 0.0. So the library rule needs those newlines and allows no leading "
+    "whitespace, but allows repeated tags inside the contents and any text after a line break following "
+    "</answer>."
 )
 MISSING_BOXED_PENALTY_DESCRIPTION = (
     "-1.0 when the completion has no complete \\boxed{...} or \\fbox{...} (balanced braces), else 0.0. "
@@ -63,8 +73,10 @@ LENGTH_DESCRIPTION = (
 # format
 
 
-def format_reward(text: str) -> float:
+def format_reward(text: str, rule: str = FORMAT_RULE_STRICT) -> float:
     """See :data:`FORMAT_DESCRIPTION`."""
+    if rule == FORMAT_RULE_LIBRARY:
+        return library_format_reward(text)
     for tag in ("<think>", "</think>", "<answer>", "</answer>"):
         if text.count(tag) != 1:
             return 0.0
@@ -76,6 +88,30 @@ def format_reward(text: str) -> float:
     if answer_start < think_end or body[think_end:answer_start].strip():
         return 0.0
     return 1.0
+
+
+_LIBRARY_OPEN = "<think>\n"
+_LIBRARY_MIDDLE = "\n</think>\n<answer>\n"
+_LIBRARY_CLOSE = "\n</answer>"
+
+
+def library_format_reward(text: str) -> float:
+    """The ``rule=library`` format check, in linear time.
+
+    The regex's lazy groups only ask whether some split exists: the earliest
+    middle separator leaves the most room for the closing tag, so one search
+    for each piece decides it.
+    """
+    if not text.startswith(_LIBRARY_OPEN):
+        return 0.0
+    middle = text.find(_LIBRARY_MIDDLE, len(_LIBRARY_OPEN))
+    if middle < 0:
+        return 0.0
+    answer_start = middle + len(_LIBRARY_MIDDLE)
+    if text.find(_LIBRARY_CLOSE + "\n", answer_start) >= 0:
+        return 1.0
+    closed_at_end = text.endswith(_LIBRARY_CLOSE) and len(text) - len(_LIBRARY_CLOSE) >= answer_start
+    return 1.0 if closed_at_end else 0.0
 
 
 # ---------------------------------------------------------------------------

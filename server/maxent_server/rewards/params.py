@@ -13,14 +13,15 @@ Types:
 * ``"bool"``  -- ``true``/``false``, ``1``/``0`` or ``yes``/``no``
   (case-insensitive).
 
-``minimum``/``maximum`` bound ``int`` and ``float`` values (inclusive).
+``minimum``/``maximum`` bound ``int`` and ``float`` values (inclusive);
+``choices`` limits a ``str`` parameter to the listed values.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ class ParamSpec:
     required: bool = False
     minimum: float | None = None
     maximum: float | None = None
+    choices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -56,6 +58,8 @@ class ParamSpec:
             raise ValueError(f"parameter {self.name!r}: type must be one of {', '.join(PARAM_TYPES)}")
         if self.required and self.default is not None:
             raise ValueError(f"parameter {self.name!r}: a required parameter has no default")
+        if self.choices and self.type != "str":
+            raise ValueError(f"parameter {self.name!r}: only a str parameter has choices")
         if self.default is not None:
             _, problem = self.parse(self.default)
             if problem is not None:
@@ -74,6 +78,8 @@ class ParamSpec:
             what = "a finite number"
         elif self.type == "bool":
             return "must be true or false"
+        elif self.choices:
+            return "must be one of: " + ", ".join(self.choices)
         else:
             return "must be text"
         if lo is not None and hi is not None:
@@ -87,6 +93,8 @@ class ParamSpec:
     def parse(self, text: str) -> tuple[Any, str | None]:
         """(value, None) when ``text`` is valid, else (None, problem)."""
         if self.type == "str":
+            if self.choices and text not in self.choices:
+                return None, self.expectation()
             return text, None
         raw = text.strip()
         if self.type == "bool":
@@ -166,16 +174,19 @@ def param_spec_from_declaration(entry: Any) -> ParamSpec:
     """A :class:`ParamSpec` from a plugin's declaration (a ParamSpec or a mapping).
 
     Mapping keys: ``name`` (required), ``description``, ``type``, ``default``,
-    ``required``, ``minimum``, ``maximum``; a non-text default is converted
-    with ``str`` (booleans as ``true``/``false``).
+    ``required``, ``minimum``, ``maximum``, ``choices`` (a sequence of text); a
+    non-text default is converted with ``str`` (booleans as ``true``/``false``).
     """
     if isinstance(entry, ParamSpec):
         return entry
     if not isinstance(entry, Mapping):
         raise ValueError(f"a parameter declaration must be a mapping or ParamSpec, not {type(entry).__name__}")
-    unknown = set(entry) - {"name", "description", "type", "default", "required", "minimum", "maximum"}
+    unknown = set(entry) - {"name", "description", "type", "default", "required", "minimum", "maximum", "choices"}
     if unknown:
         raise ValueError(f"unknown keys in parameter declaration: {', '.join(sorted(map(str, unknown)))}")
+    choices = entry.get("choices", ())
+    if isinstance(choices, (str, bytes)) or not isinstance(choices, Iterable):
+        raise ValueError("choices must be a sequence of text values")
     default = entry.get("default")
     if isinstance(default, bool):
         default = "true" if default else "false"
@@ -189,4 +200,5 @@ def param_spec_from_declaration(entry: Any) -> ParamSpec:
         required=bool(entry.get("required", False)),
         minimum=None if entry.get("minimum") is None else float(entry["minimum"]),
         maximum=None if entry.get("maximum") is None else float(entry["maximum"]),
+        choices=tuple(str(choice) for choice in choices),
     )

@@ -12,7 +12,8 @@ list[float]``. These optional attributes on the callable describe it:
     The parameters it accepts, each a :class:`~.params.ParamSpec` or a
     mapping with the keys ``name``, ``description``, ``type`` (``str``,
     ``int``, ``float`` or ``bool``; default ``str``), ``default`` (text),
-    ``required`` (bool) and ``minimum``/``maximum`` (numbers). A term's
+    ``required`` (bool), ``minimum``/``maximum`` (numbers) and ``choices``
+    (allowed values of a ``str`` parameter). A term's
     params are checked against them; the callable receives the typed values,
     with defaults filled in, as keyword arguments. Default: no parameters.
 ``maxent_needs_answers`` (bool)
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from . import builtin
+from . import builtin, library
 from .params import ParamSpec, param_spec_from_declaration, parse_params
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ BUILTIN_SOURCE = "builtin"
 #: Where a reward function runs.
 KIND_INPROCESS = "inprocess"
 KIND_MATH = "math"
+#: Called through the plugin interface in a worker process: an entry-point
+#: plugin (with its entry point) or a library reward (without one: the workers
+#: have :data:`.library.WORKER_FUNCTIONS` built in).
 KIND_PLUGIN = "plugin"
 
 
@@ -96,7 +100,15 @@ _BUILTINS: tuple[RewardSpec, ...] = (
     RewardSpec(
         name=builtin.FORMAT,
         description=builtin.FORMAT_DESCRIPTION,
-        parameters=(),
+        parameters=(
+            ParamSpec(
+                name="rule",
+                description="strict (this service's rule) or library (the published library's: newlines "
+                "required around the tags).",
+                default=builtin.FORMAT_RULE_STRICT,
+                choices=builtin.FORMAT_RULES,
+            ),
+        ),
         source=BUILTIN_SOURCE,
         kind=KIND_INPROCESS,
         needs_answers=False,
@@ -124,6 +136,18 @@ _BUILTINS: tuple[RewardSpec, ...] = (
         source=BUILTIN_SOURCE,
         kind=KIND_INPROCESS,
         needs_answers=False,
+    ),
+    # The reward library: evaluated in the workers, see .library.
+    *(
+        RewardSpec(
+            name=function.name,
+            description=function.description,
+            parameters=function.parameters,
+            source=BUILTIN_SOURCE,
+            kind=KIND_PLUGIN,
+            needs_answers=function.needs_answers,
+        )
+        for function in library.FUNCTIONS
     ),
 )
 
@@ -239,7 +263,8 @@ class RewardRegistry:
         return [self._specs[name] for name in sorted(self._specs)]
 
     def plugins(self) -> list[RewardSpec]:
-        return [spec for spec in self.specs() if spec.kind == KIND_PLUGIN]
+        """The entry-point plugins (what the workers must load)."""
+        return [spec for spec in self.specs() if spec.kind == KIND_PLUGIN and spec.entry_point]
 
     def validate_term(
         self, index: int, name: str, params: Mapping[str, str]

@@ -256,7 +256,7 @@ class RewardRunner:
                 for i in range(n):
                     links.append((r, i, submit((ITEM_PLUGIN, name, completions[i], answers[i], frozen))))
             elif name == builtin.FORMAT:
-                values[r] = [builtin.format_reward(text) for text in completions]
+                values[r] = [builtin.format_reward(text, params["rule"]) for text in completions]
             elif name == builtin.LENGTH:
                 assert counts is not None
                 max_len = params.get("max_len", max_completion_len)
