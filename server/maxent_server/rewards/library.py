@@ -250,7 +250,7 @@ FUNCTIONS: tuple[LibraryFunction, ...] = (
         parameters=(
             ParamSpec(
                 name="target_steps",
-                description="Step markers that earn the full 1.0.",
+                description="Step markers that earn the full 1.0; an integer from 1 to 1000.",
                 type="int",
                 default="3",
                 minimum=1,
@@ -264,20 +264,33 @@ FUNCTIONS: tuple[LibraryFunction, ...] = (
         name=COSINE_LENGTH,
         description=COSINE_LENGTH_DESCRIPTION,
         parameters=(
-            ParamSpec("min_value_wrong", "Value of a wrong completion of length 0.", "float", "-1.0"),
-            ParamSpec("max_value_wrong", "Value of a wrong completion of max_len characters or more.", "float", "-0.5"),
-            ParamSpec("min_value_correct", "Value of a correct completion of max_len characters or more.", "float", "0.5"),
-            ParamSpec("max_value_correct", "Value of a correct completion of length 0.", "float", "1.0"),
+            ParamSpec("min_value_wrong", "Value of a wrong completion of length 0; a finite number.", "float", "-1.0"),
+            ParamSpec(
+                "max_value_wrong",
+                "Value of a wrong completion of max_len characters or more; a finite number.",
+                "float",
+                "-0.5",
+            ),
+            ParamSpec(
+                "min_value_correct",
+                "Value of a correct completion of max_len characters or more; a finite number.",
+                "float",
+                "0.5",
+            ),
+            ParamSpec(
+                "max_value_correct", "Value of a correct completion of length 0; a finite number.", "float", "1.0"
+            ),
             ParamSpec(
                 "max_len",
-                "Length in characters at which the cosine reaches its end.",
+                "Length in characters from which the value stays at its long end; a positive integer.",
                 "int",
                 "1000",
                 minimum=1,
             ),
             ParamSpec(
                 "float_rounding",
-                "Decimal digits floats are rounded to before the numeric comparison (as in math_accuracy).",
+                "Decimal digits floats are rounded to before the numeric comparison (as in math_accuracy); an "
+                "integer from 0 to 15.",
                 "int",
                 "6",
                 minimum=0,
@@ -293,7 +306,7 @@ FUNCTIONS: tuple[LibraryFunction, ...] = (
         parameters=(
             ParamSpec(
                 "ngram_size",
-                "Words per n-gram.",
+                f"Words per n-gram; an integer from 1 to {MAX_NGRAM_SIZE}.",
                 "int",
                 "3",
                 minimum=1,
@@ -301,7 +314,8 @@ FUNCTIONS: tuple[LibraryFunction, ...] = (
             ),
             ParamSpec(
                 "max_penalty",
-                "Value when a single n-gram fills the completion; <= 0.",
+                "The most negative value (one n-gram repeated throughout a long completion); a finite number "
+                "<= 0.",
                 "float",
                 "-1.0",
                 maximum=0,

@@ -103,8 +103,8 @@ _BUILTINS: tuple[RewardSpec, ...] = (
         parameters=(
             ParamSpec(
                 name="rule",
-                description="strict (this service's rule) or library (the published library's: newlines "
-                "required around the tags).",
+                description="Which format rule: strict (this service's) or library (the published library's, "
+                "with newlines around the tags); the description states both.",
                 default=builtin.FORMAT_RULE_STRICT,
                 choices=builtin.FORMAT_RULES,
             ),
