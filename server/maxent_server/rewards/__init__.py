@@ -7,7 +7,10 @@ No gRPC here. The servicer validates request terms with
 
 Builtins (names are the contract; each description is the exact rule):
 ``math_accuracy``, ``boxed_accuracy``, ``format``, ``missing_boxed_penalty``
-and ``length``; see :mod:`.builtin`.
+and ``length``; see :mod:`.builtin`. The reward library, also builtins but
+evaluated in the workers like plugins: ``tag_count``, ``reasoning_steps``,
+``cosine_length``, ``repetition_penalty`` and ``soft_format``; see
+:mod:`.library`.
 
 Plugins: entry points in the group ``maxent.rewards``; see :mod:`.registry`
 for the callable's contract and its optional ``maxent_description``,
