@@ -19,8 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maxent_client import InvalidArgumentError, RewardTerm
-from maxent_server.rewards import RewardRegistry, library
+from maxent_server.rewards import ParamSpec, RewardRegistry, library
 from maxent_server.rewards.builtin import format_reward
+from maxent_server.rewards.params import param_spec_from_declaration, parse_params
 
 PROPERTY = settings(max_examples=300, deadline=None)
 
@@ -326,6 +327,23 @@ def test_every_library_rule_is_a_builtin_evaluated_in_the_workers():
     assert registry.plugins() == []
     rule = registry.get("format").parameters[0]
     assert (rule.name, rule.default, rule.choices) == ("rule", "strict", ("strict", "library"))
+
+
+def test_a_text_parameter_with_choices():
+    rule = ParamSpec("rule", "", default="strict", choices=("strict", "library"))
+    assert parse_params("format", (rule,), {}, 0) == ({"rule": "strict"}, [])
+    assert parse_params("format", (rule,), {"rule": "library"}, 0) == ({"rule": "library"}, [])
+    assert parse_params("format", (rule,), {"rule": "Library"}, 2) == (
+        {}, [('rewards[2].params["rule"]', "must be one of: strict, library")]
+    )
+    declared = param_spec_from_declaration({"name": "mode", "default": "a", "choices": ["a", "b"]})
+    assert declared.choices == ("a", "b")
+    with pytest.raises(ValueError):
+        ParamSpec("rule", "", default="loose", choices=("strict",))
+    with pytest.raises(ValueError):
+        ParamSpec("n", "", type="int", choices=("1",))
+    with pytest.raises(ValueError):
+        param_spec_from_declaration({"name": "mode", "choices": "ab"})
 
 
 # ---------------------------------------------------------------------------

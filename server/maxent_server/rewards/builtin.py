@@ -53,11 +53,10 @@ FORMAT_DESCRIPTION = (
     "four tags <think>, </think>, <answer>, </answer> exactly once; else 0.0. Tag contents are not checked. "
     "rule=library (the published library's and open-r1's rule, the regex "
     "^<think>\\n.*?\\n</think>\\n<answer>\\n.*?\\n</answer>$ matched at the start with DOTALL and "
-    "MULTILINE): 1.0 when the completion starts with <think> and a newline, contains later a newline, </think>, "
-    "newline, <answer>, newline (in one piece), and after that a newline and </answer> that end the completion "
-    "or are followed by a newline; else 0.0. So the library rule needs those newlines and allows no leading "
-    "whitespace, but allows repeated tags inside the contents and any text after a line break following "
-    "</answer>."
+    "MULTILINE): 1.0 when the completion starts with '<think>\\n' (\\n a newline), after that holds "
+    "'\\n</think>\\n<answer>\\n', and after that '\\n</answer>' at its very end or followed by a newline; "
+    "else 0.0. So the library rule needs those newlines and allows no leading whitespace, but allows repeated "
+    "tags inside the contents and any text on the lines after </answer>."
 )
 MISSING_BOXED_PENALTY_DESCRIPTION = (
     "-1.0 when the completion has no complete \\boxed{...} or \\fbox{...} (balanced braces), else 0.0. "
