@@ -75,6 +75,8 @@ SCRATCH_DIR = "/tmp"
 _READ_CHUNK = 65536
 _STDERR_TAIL = 4096
 _CLONE_NEWNET = 0x40000000
+_PR_SET_CHILD_SUBREAPER = 36
+_REAP_SECONDS = 5.0
 _SANDBOX_UID_BASE = 100_000
 
 
@@ -209,6 +211,8 @@ def run_python(
         return RunResult(SANDBOX_ERROR, detail=str(error))
     as_root = os.geteuid() == 0
     uid = sandbox_uid() if as_root else os.getuid()
+    if as_root:
+        _become_subreaper()
     base = tempfile.gettempdir() if _world_reachable(tempfile.gettempdir()) else "/tmp"
     with tempfile.TemporaryDirectory(prefix="maxent-sandbox-", dir=base) as host_dir:
         input_dir, scratch, stdin_path = _prepare(Path(host_dir), files, stdin, uid if as_root else None)
@@ -434,6 +438,8 @@ def _kill_all(proc: subprocess.Popen, uid: int | None) -> None:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         pass
+    if uid is not None:
+        _reap_orphans(uid)
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
@@ -455,3 +461,54 @@ def _kill_uid(uid: int) -> None:
         finally:
             os._exit(code)
     os.waitpid(pid, 0)
+
+
+_subreaper = False
+
+
+def _become_subreaper() -> None:
+    """Adopt the sandbox's orphans, so this process reaps them at once: left to
+    the system's init they linger as zombies that still count against the
+    sandbox uid's process limit."""
+    global _subreaper
+    if not _subreaper:
+        libc = ctypes.CDLL(None, use_errno=True)
+        _subreaper = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def _reap_orphans(uid: int) -> None:
+    """Wait for this process's children that run as ``uid`` (adopted orphans), already killed."""
+    deadline = time.monotonic() + _REAP_SECONDS
+    me = os.getpid()
+    while time.monotonic() < deadline:
+        left = [pid for pid in _children_of(me) if _owner(pid) == uid]
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        time.sleep(0.005)
+
+
+def _children_of(parent: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(entry))
+    return children
+
+
+def _owner(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
