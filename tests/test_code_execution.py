@@ -300,7 +300,7 @@ def test_server_scores_real_programs_and_survives_attacks(code_server, code_clie
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     again = code_client.compute_reward_statistics(
-        completions=[[ADD_PROGRAM, "print(0)"]], answers=[ADD_TESTS], rewards=[RewardTerm("code_unit_tests", 1.0)])
+        completions=[[ADD_PROGRAM, "print(42)"]], answers=[ADD_TESTS], rewards=[RewardTerm("code_unit_tests", 1.0)])
     np.testing.assert_allclose(again.per_reward["code_unit_tests"].values, [1.0, 0.0])
     plain = code_client.compute_reward_statistics(completions=[["<think>a</think><answer>b</answer>", "x"]],
                                                   rewards=[RewardTerm("format", 1.0)])
