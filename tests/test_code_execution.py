@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from maxent_client import FailurePolicy, InvalidArgumentError, MaxEntClient, RewardTerm
 from maxent_server.rewards import code, sandbox
 from maxent_server.rewards.sandbox import Limits, run_python
@@ -49,7 +48,7 @@ def live_sandbox_processes() -> list[str]:
     """Processes of this test process's sandbox uid that are not zombies (the
     container's init reaps those left to it in its own time)."""
     uid = str(sandbox.sandbox_uid())
-    out = subprocess.run(["ps", "-e", "-o", "uid=,pid=,stat=,comm="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-e", "-o", "uid=,pid=,stat=,comm="], check=False, capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if line.split()[0] == uid and not line.split()[2].startswith("Z")]
 
 
@@ -229,6 +228,31 @@ def test_a_limit_fails_the_completion_instead_of_scoring_zero(program):
         score(program, ADD_TESTS)
 
 
+@needs_root
+@pytest.mark.parametrize("mode", MODES)
+def test_the_worker_time_limit_stops_a_run_in_progress(mode):
+    """The reward worker's per-completion limit (SIGALRM) fires in the middle of
+    a test: the sandboxed program is killed with it, nothing is left behind."""
+    import signal
+
+    from maxent_server.rewards import _worker
+
+    state = _worker.WorkerState([(code.CODE_UNIT_TESTS, code.ENTRY_POINTS[mode])])
+    previous = signal.signal(signal.SIGALRM, _worker._on_alarm)
+    sleepy = "import time\ntime.sleep(0.6)\nprint(3)"
+    params = (("binary", False), ("memory_mb", 256), ("timeout_seconds", 5.0))
+    started = time.monotonic()
+    try:
+        item = (_worker.ITEM_PLUGIN, code.CODE_UNIT_TESTS, sleepy, json.dumps({"tests": [{"input": "", "output": "3"}] * 5}),
+                params)
+        status, value, _ = _worker.run_with_limit(state, item, 1.0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert status == "timeout" and value is None
+    assert time.monotonic() - started < 15
+    assert live_sandbox_processes() == []
+
+
 def test_an_invalid_test_set_fails_the_completion():
     with pytest.raises(code.CodeExecutionFailure, match="invalid test set"):
         score(ADD_PROGRAM, '{"tests": "nope"}')
@@ -323,6 +347,9 @@ def test_bad_params_are_invalid_arguments(code_client):
             code_client.compute_reward_statistics(completions=[["print(1)"]], answers=["assert True"],
                                                   rewards=[RewardTerm("code_unit_tests", 1.0, params)])
         assert [v.field for v in info.value.violations] == [field]
+    with pytest.raises(InvalidArgumentError) as info:
+        code_client.compute_reward_statistics(completions=[["print(1)"]], rewards=[RewardTerm("code_unit_tests", 1.0)])
+    assert [v.field for v in info.value.violations] == ["answers"]
 
 
 def test_server_without_the_flag_refuses_code_unit_tests(client):
@@ -337,7 +364,7 @@ def test_server_without_the_flag_refuses_code_unit_tests(client):
 def start_and_wait(tmp_path: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "maxent_server", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
            "--device", "cpu", "--metrics-port", "0", "--reward-workers", "1", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
 
 
 def test_without_bwrap_the_server_refuses_to_start(tmp_path):

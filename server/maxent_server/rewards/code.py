@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .params import ParamSpec
-from .sandbox import MODE_BWRAP, MODE_RLIMITS, SANDBOX_ERROR, Limits, RunResult, run_python
+from .sandbox import (
+    MODE_BWRAP,
+    MODE_RLIMITS,
+    SANDBOX_ERROR,
+    Limits,
+    RunResult,
+    run_python,
+)
 
 CODE_UNIT_TESTS = "code_unit_tests"
 

@@ -34,6 +34,7 @@ server's packages.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import math
@@ -47,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,8 +179,8 @@ def describe_mode(mode: str) -> str:
     """One line for the start-up log."""
     if mode == MODE_BWRAP:
         return "bubblewrap (namespaces, no network, read-only system files, tmpfs scratch) + rlimits"
-    return ("rlimits only (WEAKER: world-readable host files are visible and world-writable places writable; "
-            "network cut only where unshare is permitted)")
+    network = "network cut" if network_isolated_without_bwrap() else "NETWORK OPEN (not root, or unshare not permitted)"
+    return f"rlimits only (WEAKER: world-readable host files are visible and world-writable places writable; {network})"
 
 
 # ---------------------------------------------------------------------------
@@ -214,30 +215,46 @@ def run_python(
     if as_root:
         _become_subreaper()
     base = tempfile.gettempdir() if _world_reachable(tempfile.gettempdir()) else "/tmp"
-    with tempfile.TemporaryDirectory(prefix="maxent-sandbox-", dir=base) as host_dir:
-        input_dir, scratch, stdin_path = _prepare(Path(host_dir), files, stdin, uid if as_root else None)
-        if mode == MODE_BWRAP:
-            cmd = _bwrap_command(python, input_dir, script, limits)
-            cwd = "/"
-        else:
-            cmd = [python, "-I", "-S", str(input_dir / script)]
-            cwd = str(scratch)
-        with open(stdin_path, "rb") as stdin_file:
-            try:
-                proc = subprocess.Popen(
-                    cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}, cwd=cwd,
-                    close_fds=True, preexec_fn=_child_setup(mode, limits, uid if as_root else None),
-                )
-            except OSError as error:
-                return RunResult(SANDBOX_ERROR, detail=f"cannot start the sandbox: {error}")
-        try:
-            result = _collect(proc, started, limits)
-        finally:
-            _kill_all(proc, uid if as_root else None)
+    host_dir = Path(tempfile.mkdtemp(prefix="maxent-sandbox-", dir=base))
+    owner = uid if as_root else None
+    proc: subprocess.Popen | None = None
+    try:
+        # A worker's time-limit alarm may end the run while it waits (below),
+        # never between starting the process and knowing it, nor mid-cleanup.
+        with _alarm_deferred():
+            input_dir, scratch, stdin_path = _prepare(host_dir, files, stdin, owner)
+            if mode == MODE_BWRAP:
+                cmd, cwd = _bwrap_command(python, input_dir, script, limits), "/"
+            else:
+                cmd, cwd = [python, "-I", "-S", str(input_dir / script)], str(scratch)
+            with open(stdin_path, "rb") as stdin_file:
+                try:
+                    proc = subprocess.Popen(
+                        cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}, cwd=cwd,
+                        close_fds=True, preexec_fn=_child_setup(mode, limits, owner),  # noqa: PLW1509 - a reward worker has no other threads
+                    )
+                except OSError as error:
+                    return RunResult(SANDBOX_ERROR, detail=f"cannot start the sandbox: {error}")
+        result = _collect(proc, started, limits)
+    finally:
+        with _alarm_deferred():
+            if proc is not None:
+                _kill_all(proc, owner)
+            shutil.rmtree(host_dir, ignore_errors=True)
     if mode == MODE_BWRAP and result.outcome == EXITED and result.exit_code == 1 and \
             result.stderr_tail.startswith("bwrap:"):
         return RunResult(SANDBOX_ERROR, detail=result.stderr_tail.strip().splitlines()[0])
     return result
+
+
+@contextlib.contextmanager
+def _alarm_deferred() -> Iterator[None]:
+    """SIGALRM waits (pending) until the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _prepare(host_dir: Path, files: Mapping[str, str], stdin: bytes, owner: int | None) -> tuple[Path, Path, Path]:
@@ -289,11 +306,13 @@ def _child_setup(mode: str, limits: Limits, uid: int | None):
     cpu = max(1, math.ceil(limits.wall_seconds))
     memory = limits.memory_mb * 1024 * 1024
     nproc = limits.max_processes if uid is not None else _own_task_count() + limits.max_processes
+    unshare = _libc().unshare if mode == MODE_RLIMITS and uid is not None else None
 
     def setup() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the parent's deferred alarm is not the program's
         os.setsid()
-        if mode == MODE_RLIMITS and uid is not None:
-            _unshare_network()
+        if unshare is not None:
+            unshare(_CLONE_NEWNET)  # where permitted: a failure leaves the host's network
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
         resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
@@ -308,13 +327,9 @@ def _child_setup(mode: str, limits: Limits, uid: int | None):
     return setup
 
 
-def _unshare_network() -> None:
-    """A network namespace of its own (only loopback, down) where permitted."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.unshare(_CLONE_NEWNET)
-    except OSError:
-        pass
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded in the parent (loading it after fork could deadlock)."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def network_isolated_without_bwrap() -> bool:
@@ -322,7 +337,7 @@ def network_isolated_without_bwrap() -> bool:
     if os.geteuid() != 0:
         return False
     try:
-        result = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10)
+        result = subprocess.run(["unshare", "--net", "true"], check=False, capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0
@@ -472,8 +487,7 @@ def _become_subreaper() -> None:
     sandbox uid's process limit."""
     global _subreaper
     if not _subreaper:
-        libc = ctypes.CDLL(None, use_errno=True)
-        _subreaper = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        _subreaper = _libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def _reap_orphans(uid: int) -> None:
