@@ -253,6 +253,39 @@ def test_the_worker_time_limit_stops_a_run_in_progress(mode):
     assert live_sandbox_processes() == []
 
 
+SLEEPER_RUNNER = """
+import sys
+from maxent_server.rewards import sandbox
+sandbox.run_python(sys.argv[1], {"p.py": "import time\\ntime.sleep(60)"}, "p.py", limits=sandbox.Limits(wall_seconds=50))
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("mode", MODES)
+def test_the_program_dies_with_a_killed_worker(mode):
+    """A worker killed outright (the pool's hard deadline) takes its sandboxed program with it."""
+    runner = subprocess.Popen([sys.executable, "-c", SLEEPER_RUNNER, mode])
+    uid = str(sandbox._SANDBOX_UID_BASE + runner.pid % 100_000)
+
+    def programs() -> list[str]:
+        out = subprocess.run(["ps", "-e", "-o", "uid=,stat=,comm="], check=False, capture_output=True, text=True)
+        return [line for line in out.stdout.splitlines()
+                if line.split()[0] == uid and not line.split()[1].startswith("Z")]
+
+    try:
+        deadline = time.monotonic() + 30
+        while not any("python" in line for line in programs()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("python" in line for line in programs())
+    finally:
+        runner.kill()
+        runner.wait()
+    deadline = time.monotonic() + 10
+    while programs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert programs() == []
+
+
 def test_an_invalid_test_set_fails_the_completion():
     with pytest.raises(code.CodeExecutionFailure, match="invalid test set"):
         score(ADD_PROGRAM, '{"tests": "nope"}')

@@ -76,6 +76,7 @@ SCRATCH_DIR = "/tmp"
 _READ_CHUNK = 65536
 _STDERR_TAIL = 4096
 _CLONE_NEWNET = 0x40000000
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _REAP_SECONDS = 5.0
 _SANDBOX_UID_BASE = 100_000
@@ -306,7 +307,9 @@ def _child_setup(mode: str, limits: Limits, uid: int | None):
     cpu = max(1, math.ceil(limits.wall_seconds))
     memory = limits.memory_mb * 1024 * 1024
     nproc = limits.max_processes if uid is not None else _own_task_count() + limits.max_processes
-    unshare = _libc().unshare if mode == MODE_RLIMITS and uid is not None else None
+    libc = _libc()
+    unshare = libc.unshare if mode == MODE_RLIMITS and uid is not None else None
+    prctl = libc.prctl
 
     def setup() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the parent's deferred alarm is not the program's
@@ -323,6 +326,9 @@ def _child_setup(mode: str, limits: Limits, uid: int | None):
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
+        # After the uid change, which clears it: die with the worker, even one
+        # killed at its hard deadline before it could kill the program.
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
     return setup
 
