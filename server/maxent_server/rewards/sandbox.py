@@ -170,7 +170,8 @@ def choose_mode(requested: str) -> str:
 
 def probe(mode: str) -> None:
     """Run a trivial program in ``mode``; raise SandboxUnavailable unless it works."""
-    result = run_python(mode, {"probe.py": "print(6 * 7)\n"}, "probe.py", limits=Limits(wall_seconds=10.0))
+    result = run_python(mode, {"probe.py": "print(6 * 7)\n"}, "probe.py", limits=Limits(wall_seconds=10.0),
+                        adopt_orphans=False)
     if not (result.ok and result.stdout.strip() == b"42"):
         why = result.detail or result.stderr_tail.strip().splitlines()[-1:] or [result.outcome]
         raise SandboxUnavailable(f"the {mode} sandbox does not run programs here: {''.join(why)}")
@@ -200,11 +201,15 @@ def run_python(
     *,
     stdin: bytes = b"",
     limits: Limits = Limits(),
+    adopt_orphans: bool = True,
 ) -> RunResult:
     """Run ``python -I -S /input/<script>`` in the sandbox.
 
     ``files`` (name -> text) are placed read-only in ``/input``; ``stdin`` is
     the program's standard input. Never raises for anything the program does.
+    One run at a time per process: runs share the process's sandbox uid.
+    ``adopt_orphans`` (as root) makes this process the reaper of the program's
+    orphans, for good; the server's own process probes without it.
     """
     started = time.monotonic()
     try:
@@ -213,7 +218,7 @@ def run_python(
         return RunResult(SANDBOX_ERROR, detail=str(error))
     as_root = os.geteuid() == 0
     uid = sandbox_uid() if as_root else os.getuid()
-    if as_root:
+    if as_root and adopt_orphans:
         _become_subreaper()
     base = tempfile.gettempdir() if _world_reachable(tempfile.gettempdir()) else "/tmp"
     host_dir = Path(tempfile.mkdtemp(prefix="maxent-sandbox-", dir=base))
