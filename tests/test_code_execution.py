@@ -232,7 +232,8 @@ def test_assert_tests_score_the_fraction_passed():
 
 
 def test_exiting_early_does_not_pass_asserts():
-    for early_exit in ("import os\nos._exit(0)", "import sys\nsys.exit(0)", "raise SystemExit"):
+    module_marker = "import os, sys\nprint(vars(sys.modules['__main__']).get('_marker', ''))\nos._exit(0)"
+    for early_exit in ("import os\nos._exit(0)", "import sys\nsys.exit(0)", "raise SystemExit", module_marker):
         assert score(early_exit, ADD_ASSERTS) == 0.0, early_exit
 
 

@@ -81,17 +81,24 @@ PARAMETERS = (
 _FENCED_PYTHON = re.compile(r"```(?:python3?|py)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _ASSERT_DRIVER = """\
 import sys
-_marker = sys.stdin.readline().strip()
-sys.stdin = open("/dev/null")
-_scope = {"__name__": "__main__", "__builtins__": __builtins__}
-with open(sys.argv[0].rsplit("/", 1)[0] + "/program.py", encoding="utf-8") as _f:
-    _program = _f.read()
-with open(sys.argv[0].rsplit("/", 1)[0] + "/test.py", encoding="utf-8") as _f:
-    _test = _f.read()
-exec(compile(_program + "\\n" + _test, "<program>", "exec"), _scope)
-sys.stdout.flush()
-sys.stdout.write("\\n" + _marker + "\\n")
-sys.stdout.flush()
+
+
+def _run_then_mark(folder):
+    # The marker lives only in this frame (not in a module global the program could read).
+    marker = sys.stdin.readline().strip()
+    sys.stdin = open("/dev/null")
+    with open(folder + "/program.py", encoding="utf-8") as f:
+        program = f.read()
+    with open(folder + "/test.py", encoding="utf-8") as f:
+        test = f.read()
+    scope = {"__name__": "__main__", "__builtins__": __builtins__}
+    exec(compile(program + "\\n" + test, "<program>", "exec"), scope)
+    sys.stdout.flush()
+    sys.stdout.write("\\n" + marker + "\\n")
+    sys.stdout.flush()
+
+
+_run_then_mark(sys.argv[0].rsplit("/", 1)[0])
 """
 
 
