@@ -62,6 +62,9 @@ class ServerSettings:
     tls_key: str = ""
     tls_client_ca: str = ""
     access_log: bool = True
+    # code_unit_tests runs untrusted code: off unless enabled; sandbox auto = bwrap, else refuse to start.
+    enable_code_execution: bool = False
+    code_execution_sandbox: str = "auto"  # auto, bwrap or rlimits (weaker, explicit opt-in)
 
 
 class ConfigError(ValueError):
@@ -112,6 +115,7 @@ class MaxEntServer:
             raise ConfigError(str(error)) from None
         if s.metrics_auth and self.authorizer is None:
             raise ConfigError("--metrics-auth needs --auth-tokens")
+        self.code_execution = await asyncio.get_running_loop().run_in_executor(None, _code_execution_mode, s)
         authenticated = self.authorizer is not None
         host, narrowed = restrict_to_loopback(s.host, authenticated, s.insecure_allow_remote)
         metrics_host, metrics_narrowed = restrict_to_loopback(
@@ -159,7 +163,7 @@ class MaxEntServer:
         # with one line and nothing left to shut down.
         self._bind(host)
         self.engine = Engine(s.device, threads=s.torch_threads)
-        self.rewards = _reward_runner(s)
+        self.rewards = _reward_runner(s, self.code_execution)
         if self.metrics is not None and self.rewards is not None:
             self.metrics.declare_rewards(f.name for f in self.rewards.list_functions())
             rewards = self.rewards
@@ -227,6 +231,14 @@ class MaxEntServer:
             log.info("metrics endpoint off (--metrics-port 0)")
         if s.tls_client_ca:
             log.info("mutual TLS: clients need a certificate signed by %s", s.tls_client_ca)
+        if self.code_execution is None:
+            log.info("code execution off (code_unit_tests refused; --enable-code-execution turns it on)")
+        else:
+            from .rewards.sandbox import describe_mode
+
+            log_sandbox = log.info if self.code_execution == "bwrap" else log.warning
+            log_sandbox("code execution ON: code_unit_tests runs programs in the %s sandbox: %s",
+                        self.code_execution, describe_mode(self.code_execution))
 
     def reload_tokens(self) -> None:
         """SIGHUP: read the token file again; keep the old tokens when it is invalid."""
@@ -289,7 +301,20 @@ def _bind_failure(host: str, port: int, *, only_in_use: bool = False) -> str | N
     return None if only_in_use else f"cannot listen on {_address(host, port)}: pick another with --port"
 
 
-def _reward_runner(s: ServerSettings):
-    from .rewards import RewardRunner
+def _code_execution_mode(s: ServerSettings) -> str | None:
+    """The sandbox mode of code_unit_tests (None: off), checked by running a probe."""
+    if not s.enable_code_execution:
+        return None
+    from .rewards.sandbox import SandboxUnavailable, choose_mode
 
-    return RewardRunner(workers=s.reward_workers, timeout_seconds=s.reward_timeout_seconds, load_plugins=s.load_plugins)
+    try:
+        return choose_mode(s.code_execution_sandbox)
+    except SandboxUnavailable as error:
+        raise ConfigError(f"--enable-code-execution: {error}") from None
+
+
+def _reward_runner(s: ServerSettings, code_execution: str | None = None):
+    from .rewards import RewardRegistry, RewardRunner
+
+    registry = RewardRegistry.default(load_plugins=s.load_plugins, code_execution=code_execution)
+    return RewardRunner(workers=s.reward_workers, timeout_seconds=s.reward_timeout_seconds, registry=registry)

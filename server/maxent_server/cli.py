@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tls-key", default=_env("tls-key", ""), help="private key of --tls-cert (PEM)")
     a.add_argument("--tls-client-ca", default=_env("tls-client-ca", ""),
                    help="CA bundle (PEM) for client certificates: mutual TLS, every client needs one")
+    a.add_argument("--enable-code-execution", action="store_true", default=_env_flag("enable-code-execution"),
+                   help="offer the code_unit_tests reward, which runs completions' code in a sandbox (docs/rewards.md)")
+    a.add_argument("--code-execution-sandbox", choices=("auto", "bwrap", "rlimits"),
+                   default=_env("code-execution-sandbox", "auto"),
+                   help="auto/bwrap: bubblewrap, else refuse to start; rlimits: the weaker sandbox without it "
+                        "(default auto)")
     return p
 
 
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         access_log=not args.no_access_log,
+        enable_code_execution=args.enable_code_execution,
+        code_execution_sandbox=args.code_execution_sandbox,
     )
     try:
         asyncio.run(MaxEntServer(settings).serve_until_signal())

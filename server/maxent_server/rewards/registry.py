@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from . import builtin, library
+from . import builtin, code, library
 from .params import ParamSpec, param_spec_from_declaration, parse_params
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,26 @@ _BUILTINS: tuple[RewardSpec, ...] = (
     ),
 )
 
+# Code execution (off unless enabled): a builtin that runs in the workers like a plugin.
+CODE_EXECUTION_DISABLED = (
+    f"reward function '{code.CODE_UNIT_TESTS}' runs untrusted code and is off: start the server with "
+    "--enable-code-execution"
+)
+
+
+def code_execution_spec(mode: str) -> RewardSpec:
+    """``code_unit_tests`` running in the sandbox ``mode`` (bwrap or rlimits)."""
+    return RewardSpec(
+        name=code.CODE_UNIT_TESTS,
+        description=code.DESCRIPTION,
+        parameters=code.PARAMETERS,
+        source=BUILTIN_SOURCE,
+        kind=KIND_PLUGIN,
+        needs_answers=True,
+        entry_point=code.ENTRY_POINTS[mode],
+    )
+
+
 _SPACES = re.compile(r"\s+")
 
 
@@ -249,10 +269,15 @@ class RewardRegistry:
         *,
         load_plugins: bool = True,
         entry_points: Callable[[], Iterable[metadata.EntryPoint]] | None = None,
+        code_execution: str | None = None,
     ) -> RewardRegistry:
+        """``code_execution``: the sandbox mode of ``code_unit_tests``; None leaves it off."""
         specs = list(_BUILTINS)
+        if code_execution is not None:
+            specs.append(code_execution_spec(code_execution))
         if load_plugins:
-            specs += discover_plugins(entry_points, reserved=[s.name for s in _BUILTINS])
+            reserved = [s.name for s in _BUILTINS] + [code.CODE_UNIT_TESTS]
+            specs += discover_plugins(entry_points, reserved=reserved)
         return cls(specs)
 
     def get(self, name: str) -> RewardSpec | None:
@@ -273,6 +298,8 @@ class RewardRegistry:
         if not name:
             return None, {}, [(f"rewards[{index}].name", "required")]
         spec = self._specs.get(name)
+        if spec is None and name == code.CODE_UNIT_TESTS:
+            return None, {}, [(f"rewards[{index}].name", CODE_EXECUTION_DISABLED)]
         if spec is None:
             return None, {}, [(f"rewards[{index}].name", f"unknown reward function '{name}'")]
         values, problems = parse_params(spec.name, spec.parameters, params, index)
