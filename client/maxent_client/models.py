@@ -5,23 +5,32 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
 
-class Denominator(enum.Enum):
-    """Denominator D of the weight softmax."""
+class WeightDenominator(enum.Enum):
+    """Denominator D of the weight softmax (proto WeightDenominator)."""
 
     TAU_PLUS_BETA = 1  # the exact maximiser (default)
     TAU = 2  # seed-compatible
 
 
-class FailurePolicy(enum.Enum):
-    """What a failed reward evaluation does to its completion."""
+Denominator = WeightDenominator
+"""Former name of WeightDenominator, kept as an alias."""
+
+
+class RewardFailurePolicy(enum.Enum):
+    """What a failed reward evaluation does to its completion (proto RewardFailurePolicy)."""
 
     EXCLUDE = 1
     ZERO = 2
     ERROR = 3
+
+
+FailurePolicy = RewardFailurePolicy
+"""Former name of RewardFailurePolicy, kept as an alias."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +39,7 @@ class WeightingConfig:
 
     tau: float = 0.0
     beta: float = 0.0
-    denominator: Denominator = Denominator.TAU_PLUS_BETA
+    denominator: WeightDenominator = WeightDenominator.TAU_PLUS_BETA
     length_normalize_ref: bool | None = None
     q_temperature: float | None = None
     q_epsilon: float | None = None
@@ -129,13 +138,18 @@ class RewardTerm:
 
 
 @dataclass(frozen=True)
-class SeedGrpo:
-    """SEED-GRPO semantic-entropy scaling options (None = server default)."""
+class SeedGrpoOptions:
+    """SEED-GRPO semantic-entropy scaling options (None = server default);
+    passing them (or True) as `seed_grpo` enables the scaling."""
 
     alpha: float | None = None
     normalize_by_max_entropy: bool | None = None
     length_normalize_logprobs: bool | None = None
     num_generations: int | None = None
+
+
+SeedGrpo = SeedGrpoOptions
+"""Former name of SeedGrpoOptions, kept as an alias."""
 
 
 @dataclass(frozen=True)
@@ -244,8 +258,15 @@ class StepStatistics:
 
 
 @dataclass(frozen=True)
-class RewardFunctionInfo:
+class RewardFunction:
+    """A reward function the server evaluates. `parameters`: one dict per
+    parameter with keys name, description, default and required."""
+
     name: str
     description: str
-    parameters: list[dict]
+    parameters: list[dict[str, Any]]
     source: str
+
+
+RewardFunctionInfo = RewardFunction
+"""Former name of RewardFunction, kept as an alias."""
