@@ -8,6 +8,11 @@
 
 Needs only grpcio, protobuf and numpy. The generated stubs live in
 maxent_api._generated for callers who want the raw messages.
+
+Names follow the proto (maxent.v1). Former names stay as aliases of the
+same objects: Denominator (WeightDenominator), FailurePolicy
+(RewardFailurePolicy), SeedGrpo (SeedGrpoOptions), RewardFunctionInfo
+(RewardFunction).
 """
 
 from .aio import AsyncMaxEntClient

@@ -8,7 +8,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Callable, Concatenate, Co
 import grpc
 
 from . import _messages as msg
-from .client import ClientBase, _WatchCursor
+from .client import ClientBase
 from .errors import from_rpc_error
 from .models import ControllerState, Run
 
@@ -48,12 +48,7 @@ class AsyncMaxEntClient(ClientBase):
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         try:
-            return await (self._encoded.get(method) or getattr(self._stub, method))(
-                request,
-                timeout=self.timeout if timeout is None else timeout,
-                wait_for_ready=self.wait_for_ready,
-                metadata=self._metadata,
-            )
+            return await self._start(method, request, timeout)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
 
@@ -100,13 +95,9 @@ class AsyncMaxEntClient(ClientBase):
     ) -> AsyncGenerator[ControllerState, None]:
         """MaxEntClient.watch_run as an async iterator: ``async for state in
         client.watch_run(run_id)``; resumes a broken stream the same way."""
-        cursor = _WatchCursor(since_version, timeout, reconnect_seconds, self.settings.initial_backoff,
-                              self.settings.max_backoff)
+        cursor = self._watch_cursor(since_version, timeout, reconnect_seconds)
         while True:
-            call = self._stub.WatchRun(
-                cursor.request(run_id, wait_for_run), timeout=cursor.remaining(),
-                wait_for_ready=self.wait_for_ready, metadata=self._metadata,
-            )
+            call = self._start_watch(cursor, run_id, wait_for_run)
             try:
                 async for response in call:
                     state = cursor.accept(response)

@@ -82,6 +82,21 @@ class ClientBase:
     def _open_channel(self) -> Any:
         raise NotImplementedError
 
+    def _start(self, method: str, request: Any, timeout: float | None) -> Any:
+        """Start one unary call: its response (sync) or an awaitable of it (asyncio)."""
+        rpc = self._encoded.get(method) or getattr(self._stub, method)
+        return rpc(request, timeout=self.timeout if timeout is None else timeout,
+                   wait_for_ready=self.wait_for_ready, metadata=self._metadata)
+
+    def _watch_cursor(self, since_version: int, timeout: float | None, reconnect_seconds: float) -> _WatchCursor:
+        return _WatchCursor(since_version, timeout, reconnect_seconds, self.settings.initial_backoff,
+                            self.settings.max_backoff)
+
+    def _start_watch(self, cursor: _WatchCursor, run_id: str, wait_for_run: bool) -> Any:
+        """Open a WatchRun stream from the cursor's position."""
+        return self._stub.WatchRun(cursor.request(run_id, wait_for_run), timeout=cursor.remaining(),
+                                   wait_for_ready=self.wait_for_ready, metadata=self._metadata)
+
 
 def rpc_method(request: Callable[P, msg.Request[T]]) -> Callable[Concatenate[MaxEntClient, P], T]:
     """A MaxEntClient method taking exactly `request`'s parameters: it builds
@@ -111,12 +126,7 @@ class MaxEntClient(ClientBase):
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         try:
-            return (self._encoded.get(method) or getattr(self._stub, method))(
-                request,
-                timeout=self.timeout if timeout is None else timeout,
-                wait_for_ready=self.wait_for_ready,
-                metadata=self._metadata,
-            )
+            return self._start(method, request, timeout)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -168,13 +178,9 @@ class MaxEntClient(ClientBase):
         yet. A stream broken by a server restart or a network cut is resumed
         from the last version seen, with backoff, for up to
         `reconnect_seconds` before the error is raised."""
-        cursor = _WatchCursor(since_version, timeout, reconnect_seconds, self.settings.initial_backoff,
-                              self.settings.max_backoff)
+        cursor = self._watch_cursor(since_version, timeout, reconnect_seconds)
         while True:
-            call = self._stub.WatchRun(
-                cursor.request(run_id, wait_for_run), timeout=cursor.remaining(),
-                wait_for_ready=self.wait_for_ready, metadata=self._metadata,
-            )
+            call = self._start_watch(cursor, run_id, wait_for_run)
             try:
                 for response in call:
                     state = cursor.accept(response)
