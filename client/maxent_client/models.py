@@ -165,7 +165,7 @@ def _split(array: np.ndarray, group_sizes: np.ndarray) -> list[np.ndarray]:
     return np.split(array, np.cumsum(group_sizes)[:-1]) if len(group_sizes) else []
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RewardStatistics:
     """Result of compute_reward_statistics; arrays are flat in group order."""
 
@@ -189,7 +189,7 @@ class RewardStatistics:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeightStats:
     """Result of compute_weight_stats; arrays are flat in group order."""
 
@@ -218,38 +218,12 @@ class WeightStats:
         return {name: _split(getattr(self, name), self.group_sizes) for name in ("weights", "advantage_entropy")}
 
 
-@dataclass(frozen=True)
-class StepStatistics:
+@dataclass(frozen=True, kw_only=True)
+class StepStatistics(RewardStatistics, WeightStats):
     """Result of compute_step_statistics: a training step's reward statistics
-    and the run's weights of their q, in one round trip. Arrays are flat in
-    group order; `zero_variance_groups` and `group_weight_entropies` have one
-    entry per group."""
-
-    group_sizes: np.ndarray
-    total_utils: np.ndarray
-    advantages: np.ndarray
-    q_values: np.ndarray
-    reward_mean: float
-    reward_std: float
-    per_reward: dict[str, RewardValues]
-    failed: np.ndarray
-    seed_semantic_entropies: np.ndarray
-    seed_advantage_scales: np.ndarray
-    zero_variance_groups: np.ndarray
-    weights: np.ndarray
-    weight_entropy: float
-    weight_entropy_min: float
-    weight_entropy_max: float
-    advantage_entropy: np.ndarray
-    group_weight_entropies: np.ndarray
-    tau: float
-    beta: float
-    controller_version: int
-    max_weight_entropy: float = 0.0
-    mixed_weight_entropy: float | None = None
-    mixed_group_count: int = 0
-    controller_weight_entropy: float | None = None
-    controller_max_weight_entropy: float = 0.0
+    and the run's weights of their q, in one round trip: the fields of both.
+    Arrays are flat in group order; `zero_variance_groups` and
+    `group_weight_entropies` have one entry per group."""
 
     def grouped(self) -> dict[str, list[np.ndarray]]:
         """Per-completion arrays split into one array per group."""
