@@ -137,3 +137,17 @@ def test_details_survive_pickling(client):
     copy = pickle.loads(pickle.dumps(info.value))
     assert type(copy) is RewardFailedError and str(copy) == str(info.value)
     assert copy.failures == info.value.failures and copy.status == info.value.status
+
+
+def test_a_wrong_argument_names_the_method_called(server):
+    async def wrong_async_call():
+        async with AsyncMaxEntClient(server.target) as aclient:
+            await aclient.compute_weight_stats("r", q_value=[0.5])
+
+    with MaxEntClient(server.target) as client:
+        with pytest.raises(TypeError, match=r"^compute_reward_statistics\(\) got an unexpected keyword .*'utilitys'"):
+            client.compute_reward_statistics(utilitys=[1.0])
+        with pytest.raises(TypeError, match=r"^update_controller\(\) missing 1 required keyword-only .*'global_step'"):
+            client.update_controller("r")
+    with pytest.raises(TypeError, match=r"^compute_weight_stats\(\) got an unexpected keyword .*'q_value'"):
+        asyncio.run(wrong_async_call())

@@ -8,7 +8,7 @@ import re
 import uuid
 from dataclasses import KW_ONLY, dataclass
 from functools import partial
-from typing import Any, Callable, ClassVar, Generic, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Generic, ParamSpec, Sequence, TypeVar
 
 import numpy as np
 
@@ -93,6 +93,8 @@ def set_optional(message: Any, **values: Any) -> None:
 # constructor's parameters (rpc_method), so every signature is written here once.
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 Reader = Callable[[Any], T]
 
 
@@ -406,6 +408,16 @@ def _nothing(reply: Any) -> None:
 def method_name(request: Any) -> str:
     """The client method of an RPC: CreateRun -> create_run."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", request.rpc).lower()
+
+
+def construct(request: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    """`request(*args, **kwargs)`; a TypeError about the arguments names the
+    client method the caller called, not the request model."""
+    try:
+        return request(*args, **kwargs)
+    except TypeError as error:
+        model = f"{getattr(request, '__name__', '')}.__init__()"
+        raise TypeError(str(error).replace(model, f"{method_name(request)}()")) from None
 
 
 def describe_method(method: Callable[..., Any], request: Any, owner: str) -> None:

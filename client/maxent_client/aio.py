@@ -23,7 +23,7 @@ def rpc_coroutine(
     it builds the request model and sends it."""
 
     async def method(self: AsyncMaxEntClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await self._invoke(request(*args, **kwargs))
+        return await self._invoke(msg.construct(request, *args, **kwargs))
 
     msg.describe_method(method, request, "AsyncMaxEntClient")
     return method

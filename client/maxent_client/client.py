@@ -103,7 +103,7 @@ def rpc_method(request: Callable[P, msg.Request[T]]) -> Callable[Concatenate[Max
     the request model and sends it."""
 
     def method(self: MaxEntClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return self._invoke(request(*args, **kwargs))
+        return self._invoke(msg.construct(request, *args, **kwargs))
 
     msg.describe_method(method, request, "MaxEntClient")
     return method
