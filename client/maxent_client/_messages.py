@@ -90,7 +90,8 @@ def set_optional(message: Any, **values: Any) -> None:
 #
 # One frozen dataclass per RPC holds the arguments of its client method: the
 # sync and async clients turn each class into a method with exactly its
-# constructor's parameters (rpc_method), so every signature is written here once.
+# constructor's parameters (client.rpc_method, aio.rpc_coroutine), so every
+# signature is written here once.
 
 T = TypeVar("T")
 R = TypeVar("R")
