@@ -135,7 +135,7 @@ def read_varints(payload: bytes | memoryview) -> np.ndarray:
     return values.view(np.int64)
 
 
-_NUMERIC = {}  # message descriptor -> {field number: (name, dtype)}
+_NUMERIC: dict[Any, dict[int, tuple[str, Any]]] = {}  # message descriptor -> {field number: (name, dtype)}
 
 
 def _packed_fields(descriptor: Any) -> dict[int, tuple[str, Any]]:

@@ -8,6 +8,11 @@
 
 Needs only grpcio, protobuf and numpy. The generated stubs live in
 maxent_api._generated for callers who want the raw messages.
+
+Names follow the proto (maxent.v1). Former names stay as aliases of the
+same objects: Denominator (WeightDenominator), FailurePolicy
+(RewardFailurePolicy), SeedGrpo (SeedGrpoOptions), RewardFunctionInfo
+(RewardFunction).
 """
 
 from .aio import AsyncMaxEntClient
@@ -21,7 +26,9 @@ from .errors import (
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    ResourceInfo,
     RewardFailedError,
+    RewardFailure,
     UnauthenticatedError,
     UnavailableError,
     VersionConflictError,
@@ -30,14 +37,18 @@ from .models import (
     ControllerState,
     Denominator,
     FailurePolicy,
+    RewardFailurePolicy,
+    RewardFunction,
     RewardFunctionInfo,
     RewardStatistics,
     RewardTerm,
     RewardValues,
     Run,
     SeedGrpo,
+    SeedGrpoOptions,
     StepStatistics,
     UpdateResult,
+    WeightDenominator,
     WeightingConfig,
     WeightStats,
 )
@@ -56,18 +67,24 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "ResourceInfo",
     "RewardFailedError",
+    "RewardFailure",
+    "RewardFailurePolicy",
+    "RewardFunction",
     "RewardFunctionInfo",
     "RewardStatistics",
     "RewardTerm",
     "RewardValues",
     "Run",
     "SeedGrpo",
+    "SeedGrpoOptions",
     "StepStatistics",
     "UnauthenticatedError",
     "UnavailableError",
     "UpdateResult",
     "VersionConflictError",
-    "WeightingConfig",
+    "WeightDenominator",
     "WeightStats",
+    "WeightingConfig",
 ]

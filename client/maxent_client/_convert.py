@@ -9,7 +9,7 @@ import numpy as np
 
 from maxent_api import pb
 
-from .models import ControllerState, Denominator, Run, WeightingConfig
+from .models import ControllerState, Run, WeightDenominator, WeightingConfig
 
 _OPTIONAL_CONFIG = {"length_normalize_ref", "q_temperature", "q_epsilon", "target_entropy",
                     "target_entropy_start", "target_entropy_final", "target_entropy_ratio"}
@@ -44,7 +44,7 @@ def _scale_rewards_from(msg: pb.WeightingConfig) -> bool | str | None:
 
 
 _TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
-               "Denominator": "TAU_PLUS_BETA or TAU", "None": "null"}
+               "WeightDenominator": "TAU_PLUS_BETA or TAU", "None": "null"}
 
 
 def config_type_error(name: str, value: Any) -> str | None:
@@ -57,7 +57,7 @@ def config_type_error(name: str, value: Any) -> str | None:
         "int": isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)),
         "float": isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)),
         "str": isinstance(value, str),
-        "Denominator": isinstance(value, Denominator),
+        "WeightDenominator": isinstance(value, WeightDenominator),
     }
     if any(fits.get(kind, True) for kind in kinds):
         return None
@@ -82,10 +82,10 @@ def as_config(config: Any) -> WeightingConfig:
         values = dict(config)
         if isinstance(values.get("denominator"), str):
             name = values["denominator"].upper()
-            if name not in Denominator.__members__:
-                raise ValueError(f"config denominator must be one of {', '.join(Denominator.__members__)}, "
+            if name not in WeightDenominator.__members__:
+                raise ValueError(f"config denominator must be one of {', '.join(WeightDenominator.__members__)}, "
                                  f"got {values['denominator']!r}")
-            values["denominator"] = Denominator[name]
+            values["denominator"] = WeightDenominator[name]
         for name, value in values.items():
             problem = config_type_error(name, value)
             if problem:
@@ -100,7 +100,7 @@ def config_to_proto(config: WeightingConfig) -> pb.WeightingConfig:
         value = getattr(config, name)
         if value is None or name in _ADVANTAGE_OPTIONS:
             continue
-        setattr(msg, name, value.value if isinstance(value, Denominator) else value)
+        setattr(msg, name, value.value if isinstance(value, WeightDenominator) else value)
     set_advantage_options(msg, config.scale_rewards, config.advantage_baseline)
     if config.entropy_scope is not None:
         if config.entropy_scope not in ENTROPY_SCOPES:
@@ -120,19 +120,19 @@ def config_from_proto(msg: pb.WeightingConfig) -> WeightingConfig:
         if name in _ADVANTAGE_OPTIONS:
             continue
         if name in _OPTIONAL_CONFIG:
-            values[name] = getattr(msg, name) if msg.HasField(name) else None
+            values[name] = _opt(msg, name)
         elif name == "denominator":
-            values[name] = Denominator(msg.denominator) if msg.denominator else Denominator.TAU_PLUS_BETA
+            values[name] = WeightDenominator(msg.denominator) if msg.denominator else WeightDenominator.TAU_PLUS_BETA
         else:
             values[name] = getattr(msg, name)
     return WeightingConfig(**values)
 
 
-def _opt(msg, name: str):
+def _opt(msg: Any, name: str) -> Any:
     return getattr(msg, name) if msg.HasField(name) else None
 
 
-def _time(stamp) -> dt.datetime:
+def _time(stamp: Any) -> dt.datetime:
     return stamp.ToDatetime(tzinfo=dt.timezone.utc)
 
 

@@ -5,23 +5,32 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
 
-class Denominator(enum.Enum):
-    """Denominator D of the weight softmax."""
+class WeightDenominator(enum.Enum):
+    """Denominator D of the weight softmax (proto WeightDenominator)."""
 
     TAU_PLUS_BETA = 1  # the exact maximiser (default)
     TAU = 2  # seed-compatible
 
 
-class FailurePolicy(enum.Enum):
-    """What a failed reward evaluation does to its completion."""
+Denominator = WeightDenominator
+"""Former name of WeightDenominator, kept as an alias."""
+
+
+class RewardFailurePolicy(enum.Enum):
+    """What a failed reward evaluation does to its completion (proto RewardFailurePolicy)."""
 
     EXCLUDE = 1
     ZERO = 2
     ERROR = 3
+
+
+FailurePolicy = RewardFailurePolicy
+"""Former name of RewardFailurePolicy, kept as an alias."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +39,7 @@ class WeightingConfig:
 
     tau: float = 0.0
     beta: float = 0.0
-    denominator: Denominator = Denominator.TAU_PLUS_BETA
+    denominator: WeightDenominator = WeightDenominator.TAU_PLUS_BETA
     length_normalize_ref: bool | None = None
     q_temperature: float | None = None
     q_epsilon: float | None = None
@@ -129,13 +138,18 @@ class RewardTerm:
 
 
 @dataclass(frozen=True)
-class SeedGrpo:
-    """SEED-GRPO semantic-entropy scaling options (None = server default)."""
+class SeedGrpoOptions:
+    """SEED-GRPO semantic-entropy scaling options (None = server default);
+    passing them (or True) as `seed_grpo` enables the scaling."""
 
     alpha: float | None = None
     normalize_by_max_entropy: bool | None = None
     length_normalize_logprobs: bool | None = None
     num_generations: int | None = None
+
+
+SeedGrpo = SeedGrpoOptions
+"""Former name of SeedGrpoOptions, kept as an alias."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +165,7 @@ def _split(array: np.ndarray, group_sizes: np.ndarray) -> list[np.ndarray]:
     return np.split(array, np.cumsum(group_sizes)[:-1]) if len(group_sizes) else []
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RewardStatistics:
     """Result of compute_reward_statistics; arrays are flat in group order."""
 
@@ -175,7 +189,7 @@ class RewardStatistics:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeightStats:
     """Result of compute_weight_stats; arrays are flat in group order."""
 
@@ -204,38 +218,12 @@ class WeightStats:
         return {name: _split(getattr(self, name), self.group_sizes) for name in ("weights", "advantage_entropy")}
 
 
-@dataclass(frozen=True)
-class StepStatistics:
+@dataclass(frozen=True, kw_only=True)
+class StepStatistics(RewardStatistics, WeightStats):
     """Result of compute_step_statistics: a training step's reward statistics
-    and the run's weights of their q, in one round trip. Arrays are flat in
-    group order; `zero_variance_groups` and `group_weight_entropies` have one
-    entry per group."""
-
-    group_sizes: np.ndarray
-    total_utils: np.ndarray
-    advantages: np.ndarray
-    q_values: np.ndarray
-    reward_mean: float
-    reward_std: float
-    per_reward: dict[str, RewardValues]
-    failed: np.ndarray
-    seed_semantic_entropies: np.ndarray
-    seed_advantage_scales: np.ndarray
-    zero_variance_groups: np.ndarray
-    weights: np.ndarray
-    weight_entropy: float
-    weight_entropy_min: float
-    weight_entropy_max: float
-    advantage_entropy: np.ndarray
-    group_weight_entropies: np.ndarray
-    tau: float
-    beta: float
-    controller_version: int
-    max_weight_entropy: float = 0.0
-    mixed_weight_entropy: float | None = None
-    mixed_group_count: int = 0
-    controller_weight_entropy: float | None = None
-    controller_max_weight_entropy: float = 0.0
+    and the run's weights of their q, in one round trip: the fields of both.
+    Arrays are flat in group order; `zero_variance_groups` and
+    `group_weight_entropies` have one entry per group."""
 
     def grouped(self) -> dict[str, list[np.ndarray]]:
         """Per-completion arrays split into one array per group."""
@@ -244,8 +232,15 @@ class StepStatistics:
 
 
 @dataclass(frozen=True)
-class RewardFunctionInfo:
+class RewardFunction:
+    """A reward function the server evaluates. `parameters`: one dict per
+    parameter with keys name, description, default and required."""
+
     name: str
     description: str
-    parameters: list[dict]
+    parameters: list[dict[str, Any]]
     source: str
+
+
+RewardFunctionInfo = RewardFunction
+"""Former name of RewardFunction, kept as an alias."""
