@@ -3,16 +3,22 @@
     --state-store redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?OPTIONS]
     --state-store rediss://...            (TLS)
 
-Layout, under a key prefix P (option `prefix`, default "maxent"), so several
-deployments can share one Redis:
+Layout (version 2), under a key prefix P (option `prefix`, default
+"maxent"), so several deployments can share one Redis:
 
-    P:runs          sorted set of every run id, all scores 0: ordered by id
-    P:run:ID        hash: config, state (JSON), create_time, stamp (and
+    P:v2:runs       sorted set of every run id, all scores 0: ordered by id
+    P:v2:run:E      hash: config, state (JSON), create_time, stamp (and
                     claimant, claim_until while a writer holds the turn)
-    P:req:ID        hash: request id -> the state that request produced
-    P:reqv:ID       sorted set: request id scored by the version it produced
-    P:hist:ID       sorted set: each state (JSON) scored by its version, the
+    P:v2:req:E      hash: request id -> the state that request produced
+    P:v2:reqv:E     sorted set: request id scored by the version it produced
+    P:v2:hist:E     sorted set: each state (JSON) scored by its version, the
                     last `retention` versions (WatchRun reads it)
+
+where E is the run id percent-encoded so that it holds no ':' (see
+_encode_id). Read from the right, a key names its prefix, kind and run id
+unambiguously whatever characters the prefix and the id hold, so no prefix
+can reach another prefix's keys. Version 1 (P:runs, P:run:ID, ...) is not
+read; docs/redis.md says how to move runs across.
 
 A controller update runs the Python step on the run's state and writes the
 new state with a Lua compare-and-set on `stamp`, a token that every create
@@ -68,7 +74,7 @@ import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Iterator, Sequence
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 try:
@@ -91,11 +97,13 @@ from .base import (
     StoreUnavailable,
     UpdateOutcome,
     VersionMismatch,
+    redact_url,
 )
 
 log = logging.getLogger("maxent_server")
 
 DEFAULT_PREFIX = "maxent"
+LAYOUT = "v2"  # the key layout's version, part of every key
 DEFAULT_REQUEST_ID_TTL = 7 * 24 * 3600
 
 # Error replies that mean "Redis cannot serve this now" rather than a bug.
@@ -168,8 +176,12 @@ class RedisSettings:
         if not parts.hostname:
             raise ValueError("redis URL has no host")
         values: dict = {"host": parts.hostname, "tls": parts.scheme == "rediss"}
-        if parts.port is not None:
-            values["port"] = parts.port
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"redis URL {cls._redact(url)!r}: the port must be a number from 0 to 65535") from None
+        if port is not None:
+            values["port"] = port
         path = parts.path.strip("/")
         if path:
             values["db"] = _number("db", path, int)
@@ -206,12 +218,7 @@ class RedisSettings:
 
     @staticmethod
     def _redact(url: str) -> str:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.netloc.rsplit("@", 1)[1]
-        return parts._replace(netloc=f"{user}:***@{host}").geturl()
+        return redact_url(url)
 
     @property
     def address(self) -> str:
@@ -331,24 +338,6 @@ redis.call('ZREM', KEYS[5], ARGV[1])
 return 1
 """
 
-# KEYS: runs. ARGV: lower bound for ZRANGEBYLEX, limit, run key prefix.
-# A flat list: id, config, state, create_time, id, ... (one consistent snapshot).
-_LIST = """
-local ids = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], '+', 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {}
-for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', ARGV[3] .. id, 'config', 'state', 'create_time')
-  if f[1] then
-    out[#out + 1] = id
-    out[#out + 1] = f[1]
-    out[#out + 1] = f[2]
-    out[#out + 1] = f[3]
-  end
-end
-return out
-"""
-
-
 @dataclass(frozen=True)
 class _Snapshot:
     """A run as of one write: the stamp that write left, config and state."""
@@ -408,10 +397,7 @@ class RedisStore(RunStore):
         self._create = self._redis.register_script(_CREATE)
         self._update = self._redis.register_script(_UPDATE)
         self._delete = self._redis.register_script(_DELETE)
-        self._list = self._redis.register_script(_LIST)
-        p = settings.prefix
-        self._runs_key = f"{p}:runs"
-        self._run_prefix = f"{p}:run:"
+        self._runs_key = f"{settings.prefix}:{LAYOUT}:runs"
         # Updates of one run within this process take turns, so the replicas'
         # compare-and-set races are between processes, not threads.
         self._stripes = [threading.Lock() for _ in range(64)]
@@ -429,8 +415,8 @@ class RedisStore(RunStore):
 
     def _keys(self, run_id: str) -> tuple[str, str, str, str]:
         """run, req, reqv, hist (the order of _UPDATE's and _DELETE's KEYS)."""
-        p = self.settings.prefix
-        return f"{p}:run:{run_id}", f"{p}:req:{run_id}", f"{p}:reqv:{run_id}", f"{p}:hist:{run_id}"
+        base, encoded = f"{self.settings.prefix}:{LAYOUT}", _encode_id(run_id)
+        return f"{base}:run:{encoded}", f"{base}:req:{encoded}", f"{base}:reqv:{encoded}", f"{base}:hist:{encoded}"
 
     def _stripe(self, run_id: str) -> threading.Lock:
         return self._stripes[zlib.crc32(run_id.encode()) % len(self._stripes)]
@@ -484,13 +470,24 @@ class RedisStore(RunStore):
             raise RunNotFound(run_id)
         return self._record(run_id, config, state, create_time)
 
-    def list_runs(self, after: str | None, limit: int) -> list[RunRecord]:
-        if limit <= 0:
-            return []
-        lower = "-" if after is None else "(" + after
+    def _scan_ids(self, after: str | None, low: str, high: str | None, limit: int) -> list[str]:
+        if after is not None and after >= low:
+            start = "(" + after
+        else:
+            start = "[" + low if low else "-"
+        stop = "+" if high is None else "(" + high
         with self._reachable("list runs"):
-            flat = self._list(keys=[self._runs_key], args=[lower, limit, self._run_prefix])
-        return [self._record(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
+            return self._redis.zrangebylex(self._runs_key, start, stop, start=0, num=limit)
+
+    def _fetch_many(self, run_ids: Sequence[str]) -> list[RunRecord]:
+        if not run_ids:
+            return []
+        with self._reachable("list runs"):
+            pipe = self._redis.pipeline(transaction=True)  # MULTI: the runs as of one instant
+            for run_id in run_ids:
+                pipe.hmget(self._keys(run_id)[0], "config", "state", "create_time")
+            replies = pipe.execute()
+        return [self._record(run_id, *fields) for run_id, fields in zip(run_ids, replies) if fields[0] is not None]
 
     def delete_run(self, run_id: str) -> None:
         with self._reachable("delete run"):
@@ -626,9 +623,15 @@ class RedisStore(RunStore):
         self._redis.connection_pool.disconnect()
 
 
+def _encode_id(run_id: str) -> str:
+    """The run id in keys: percent-encoded, so it holds no ':' (and no '%'
+    but as an escape); distinct ids give distinct texts."""
+    return quote(run_id, safe="/")
+
+
 def store_from_url(url: str, **overrides) -> RedisStore:
     """A RedisStore for `url`, with settings fields overridden (tests)."""
     return RedisStore(replace(RedisSettings.from_url(url), **overrides))
 
 
-__all__ = ["RedisSettings", "RedisStore", "store_from_url"]
+__all__ = ["LAYOUT", "RedisSettings", "RedisStore", "redact_url", "store_from_url"]
