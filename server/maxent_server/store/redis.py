@@ -337,6 +337,13 @@ redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], ARGV[1])
 return 1
 """
+# KEYS: run, hist. ARGV: version, limit. nil when the run is missing, else
+# the states with a version above ARGV[1], ascending, at most ARGV[2].
+_HISTORY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+"""
+
 
 @dataclass(frozen=True)
 class _Snapshot:
@@ -397,6 +404,7 @@ class RedisStore(RunStore):
         self._create = self._redis.register_script(_CREATE)
         self._update = self._redis.register_script(_UPDATE)
         self._delete = self._redis.register_script(_DELETE)
+        self._history = self._redis.register_script(_HISTORY)
         self._runs_key = f"{settings.prefix}:{LAYOUT}:runs"
         # Updates of one run within this process take turns, so the replicas'
         # compare-and-set races are between processes, not threads.
@@ -483,7 +491,7 @@ class RedisStore(RunStore):
         if not run_ids:
             return []
         with self._reachable("list runs"):
-            pipe = self._redis.pipeline(transaction=True)  # MULTI: the runs as of one instant
+            pipe = self._redis.pipeline(transaction=False)  # each run's fields are read at one instant
             for run_id in run_ids:
                 pipe.hmget(self._keys(run_id)[0], "config", "state", "create_time")
             replies = pipe.execute()
@@ -576,11 +584,9 @@ class RedisStore(RunStore):
         if limit <= 0:
             limit = 0
         with self._reachable("read state history"):
-            pipe = self._redis.pipeline(transaction=True)  # MULTI: the run and its history at one instant
-            pipe.exists(run_key)
-            pipe.zrangebyscore(hist_key, f"({int(version)}", "+inf", start=0, num=limit)
-            exists, states = pipe.execute()
-        if not exists:
+            # One script: the run and its history at one instant (and no MULTI for the ACL to allow).
+            states = self._history(keys=[run_key, hist_key], args=[int(version), limit])
+        if states is None:
             raise RunNotFound(run_id)
         return [_state(text) for text in states][:limit]
 
