@@ -6,6 +6,8 @@ what happens while Redis is away."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -297,6 +299,39 @@ def test_no_prefix_reaches_another_prefixes_runs(redis_server, raw, outer, inner
             for r in s.list_runs(None, 10):
                 s.delete_run(r.run_id)
             s.close()
+
+
+def test_runs_of_the_v1_layout_are_moved_by_migrate_v1(redis_server, raw, prefix, caplog):
+    """Version 1 keys (P:runs, P:run:ID, ...) as the old store wrote them:
+    the new store warns that they are there and does not read them;
+    migrate-v1 moves them with their request ids and history."""
+    store = store_from_url(redis_server.url(prefix=prefix))
+    template, _ = store.create_run("template", RunConfig(tau=0.7), now=3.0)
+    store.update_controller("template", "req-1", None, bump)
+    new_keys = keys_of(store, "template")
+    fields = raw.hgetall(new_keys["run"])
+    for run_id in ("a", "team/b:c"):
+        raw.hset(f"{prefix}:run:{run_id}", mapping=fields)
+        raw.hset(f"{prefix}:req:{run_id}", "req-1", raw.hget(new_keys["req"], "req-1"))
+        raw.zadd(f"{prefix}:reqv:{run_id}", {"req-1": 1})
+        raw.zadd(f"{prefix}:hist:{run_id}", {raw.zrange(new_keys["hist"], 0, 0)[0]: 1})
+        raw.zadd(f"{prefix}:runs", {run_id: 0})
+    store.delete_run("template")
+    with caplog.at_level("WARNING", logger="maxent_server"):
+        store_from_url(redis_server.url(prefix=prefix, startup_wait=0)).ping()
+    assert "2 runs in the old key layout" in caplog.text
+    assert store.list_runs(None, 10) == []
+    result = subprocess.run([sys.executable, "-m", "maxent_server.store.redis", "migrate-v1",
+                             redis_server.url(prefix=prefix)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "moved 2 runs" in result.stdout, result.stderr
+    assert [r.run_id for r in store.list_runs(None, 10)] == ["a", "team/b:c"]
+    for run_id in ("a", "team/b:c"):
+        assert store.get_run(run_id).config == RunConfig(tau=0.7) and store.get_run(run_id).create_time == 3.0
+        assert store.update_controller(run_id, "req-1", None, bump).replayed
+        assert [state.version for state in store.states_since(run_id, 0, 10)] == [1]
+    assert sorted(raw.keys(f"{prefix}:*")) == sorted([f"{prefix}:v2:runs"] + [
+        key for run_id in ("a", "team/b:c") for key in store._keys(run_id)])
+    store.close()
 
 
 @pytest.mark.parametrize("url", [

@@ -18,7 +18,8 @@ where E is the run id percent-encoded so that it holds no ':' (see
 _encode_id). Read from the right, a key names its prefix, kind and run id
 unambiguously whatever characters the prefix and the id hold, so no prefix
 can reach another prefix's keys. Version 1 (P:runs, P:run:ID, ...) is not
-read; docs/redis.md says how to move runs across.
+read: `python -m maxent_server.store.redis migrate-v1 URL` moves its runs
+across (migrate_v1), and ping() warns while any are left.
 
 A controller update runs the Python step on the run's state and writes the
 new state with a Lua compare-and-set on `stamp`, a token that every create
@@ -67,6 +68,7 @@ import json
 import logging
 import os
 import random
+import sys
 import threading
 import time
 import uuid
@@ -344,6 +346,22 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 return redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
 """
 
+# KEYS: the run's v1 keys (run, req, reqv, hist), the v1 index, its v2 keys
+# (same order), the v2 index. ARGV: run_id. 1 when moved; 0 when the v1 run
+# is gone or a v2 run of that id exists (its v1 keys are then left as they are).
+_MIGRATE_V1 = """
+local moved = 0
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('EXISTS', KEYS[6]) == 0 then
+  for i = 1, 4 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RENAME', KEYS[i], KEYS[i + 5]) end
+  end
+  redis.call('ZADD', KEYS[10], 0, ARGV[1])
+  moved = 1
+end
+redis.call('ZREM', KEYS[5], ARGV[1])
+return moved
+"""
+
 
 @dataclass(frozen=True)
 class _Snapshot:
@@ -612,6 +630,39 @@ class RedisStore(RunStore):
                 time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
         self._pinged = True
         self._warn_if_not_durable()
+        self._warn_if_v1_runs_left()
+
+    def _v1_index(self) -> str:
+        return f"{self.settings.prefix}:runs"
+
+    def _warn_if_v1_runs_left(self) -> None:
+        try:
+            left = self._redis.zcard(self._v1_index())
+        except _redis.RedisError:  # not a sorted set: not ours
+            return
+        if left:
+            log.warning(
+                "Redis at %s holds %d runs in the old key layout, which this server does not read; move them with "
+                "python -m maxent_server.store.redis migrate-v1 URL (see docs/redis.md)", self.path, left,
+            )
+
+    def migrate_v1(self, batch: int = 500) -> tuple[int, int]:
+        """Move the runs of the version-1 key layout under this prefix to
+        version 2, each in one script; (moved, skipped). Stop servers of the
+        old version first: a run moves from under them."""
+        script = self._redis.register_script(_MIGRATE_V1)
+        p, old_index = self.settings.prefix, self._v1_index()
+        moved = skipped = 0
+        while True:
+            with self._reachable("migrate"):
+                ids = self._redis.zrange(old_index, 0, batch - 1)
+            if not ids:
+                return moved, skipped
+            for run_id in ids:
+                old = [f"{p}:{kind}:{run_id}" for kind in ("run", "req", "reqv", "hist")]
+                with self._reachable("migrate"):
+                    done = script(keys=[*old, old_index, *self._keys(run_id), self._runs_key], args=[run_id])
+                moved, skipped = moved + done, skipped + (1 - done)
 
     def _warn_if_not_durable(self) -> None:
         try:
@@ -641,3 +692,32 @@ def store_from_url(url: str, **overrides) -> RedisStore:
 
 
 __all__ = ["LAYOUT", "RedisSettings", "RedisStore", "redact_url", "store_from_url"]
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m maxent_server.store.redis", description="Redis store tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    migrate = sub.add_parser("migrate-v1", help="move runs of the old key layout to the current one")
+    migrate.add_argument("url", help="the --state-store URL (the password may come from MAXENT_REDIS_PASSWORD)")
+    args = parser.parse_args(argv)
+    try:
+        store = RedisStore.from_url(args.url)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        moved, skipped = store.migrate_v1()
+    except StoreUnavailable as error:
+        print(error, file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"moved {moved} runs to the {LAYOUT} layout under prefix {store.settings.prefix!r}"
+          + (f"; {skipped} left in the old layout (a run of the same id exists in the new one)" if skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
+
