@@ -293,6 +293,27 @@ def test_list_matching_reads_by_prefix(store):
     assert got == [store.get_run("team-b/1")]
 
 
+def test_listing_resumes_across_scan_steps(store):
+    """More ids than one listing step reads (256 at first): the matches
+    scattered among them all come back, in order, at any page size."""
+    ids = [f"r/{i:04d}" + ("-eval" if i % 37 == 5 else "") for i in range(600)]
+    for run_id in ids:
+        store.create_run(run_id, RunConfig(), now=1.0)
+    for patterns in (["*-eval"], ["r/0*-eval", "r/05?5*"], ["r/*"]):
+        principal = Principal("p", Role.READ, tuple(patterns))
+        wanted = [i for i in ids if principal.may_access(i)]
+        matcher = RunPatterns(patterns)
+        for page in (1, 4, 1000):
+            got, cursor = [], None
+            while True:
+                records = store.list_matching(matcher, cursor, page)
+                if not records:
+                    break
+                got += ids_of(records)
+                cursor = got[-1]
+            assert got == wanted, (patterns, page)
+
+
 # Ids and patterns over an alphabet with the pattern characters, ':' (the
 # Redis key separator), a non-ASCII letter and the highest code point.
 _ALPHABET = "ab:*?[]!/-é\U0010ffff"

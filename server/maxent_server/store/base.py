@@ -22,6 +22,8 @@ ControllerStep = Callable[[RunConfig, ControllerState], ControllerState]
 
 # Every run id, as a listing pattern.
 ALL_RUNS = RunPatterns(["*"])
+# The most ids one listing step reads from a backend.
+_SCAN_CHUNK_MAX = 16_384
 
 
 @dataclass(frozen=True)
@@ -117,18 +119,22 @@ class RunStore(abc.ABC):
             end = prefix_end(prefix)
             if after is not None and end is not None and after >= end:
                 continue  # the page token is past this prefix
-            cursor = after
+            cursor: str | None = after
             while True:
-                ids = self._scan_ids(cursor, prefix, end, chunk)
-                yield from (run_id for run_id in ids if patterns.matches(run_id))
-                if len(ids) < chunk:
+                ids, cursor = self._scan_matching(patterns, cursor, prefix, end, chunk)
+                yield from ids
+                if cursor is None:
                     break
-                cursor = ids[-1]
+                chunk = min(chunk * 2, _SCAN_CHUNK_MAX)  # few matches so far: read further per step
 
     @abc.abstractmethod
-    def _scan_ids(self, after: str | None, low: str, high: str | None, limit: int) -> list[str]:
-        """Up to `limit` run ids, ascending, each > `after` (None: no bound),
-        >= `low` and < `high` (None: no bound)."""
+    def _scan_matching(
+        self, patterns: RunPatterns, after: str | None, low: str, high: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        """One step of a listing: the ids matching `patterns` that are >
+        `after` (None: no bound), >= `low` and < `high` (None: no bound),
+        ascending, from at most `limit` ids read; and the id to resume after,
+        or None when the range is done."""
 
     @abc.abstractmethod
     def _fetch_many(self, run_ids: Sequence[str]) -> list[RunRecord]:

@@ -38,8 +38,9 @@ def prefix_end(prefix: str) -> str | None:
 
 
 class RunPatterns:
-    """A token's run patterns: `matches(id)` and the disjoint, ascending
-    literal prefixes (`prefixes`) whose ids are the only candidates."""
+    """A token's run patterns: `matches(id)`, the disjoint, ascending literal
+    prefixes (`prefixes`) whose ids are the only candidates, and whether
+    being under a prefix is enough (`prefixes_decide`)."""
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self.patterns = tuple(patterns)
@@ -47,6 +48,9 @@ class RunPatterns:
             raise ValueError("no run patterns")
         self._regex = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.patterns))
         self.prefixes = _covering(literal_prefix(p) for p in self.patterns)
+        # True when every id under the prefixes matches (every pattern is
+        # `literal*`): a listing then need not test each id.
+        self.prefixes_decide = all(p.endswith("*") and not _WILDCARDS.search(p[:-1]) for p in self.patterns)
 
     def matches(self, run_id: str) -> bool:
         return self._regex.match(run_id) is not None

@@ -101,6 +101,7 @@ from .base import (
     VersionMismatch,
     redact_url,
 )
+from .patterns import RunPatterns
 
 log = logging.getLogger("maxent_server")
 
@@ -496,14 +497,18 @@ class RedisStore(RunStore):
             raise RunNotFound(run_id)
         return self._record(run_id, config, state, create_time)
 
-    def _scan_ids(self, after: str | None, low: str, high: str | None, limit: int) -> list[str]:
+    def _scan_matching(
+        self, patterns: RunPatterns, after: str | None, low: str, high: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
         if after is not None and after >= low:
             start = "(" + after
         else:
             start = "[" + low if low else "-"
         stop = "+" if high is None else "(" + high
         with self._reachable("list runs"):
-            return self._redis.zrangebylex(self._runs_key, start, stop, start=0, num=limit)
+            ids = self._redis.zrangebylex(self._runs_key, start, stop, start=0, num=limit)
+        resume = ids[-1] if len(ids) == limit else None
+        return (ids if patterns.prefixes_decide else [i for i in ids if patterns.matches(i)]), resume
 
     def _fetch_many(self, run_ids: Sequence[str]) -> list[RunRecord]:
         if not run_ids:

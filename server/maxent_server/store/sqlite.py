@@ -132,7 +132,12 @@ class SqliteStore(RunStore):
             raise RunNotFound(run_id)
         return record
 
-    def _scan_ids(self, after: str | None, low: str, high: str | None, limit: int) -> list[str]:
+    def _scan_matching(
+        self, patterns: RunPatterns, after: str | None, low: str, high: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        # A range scan of the primary-key index; ids are tested in the same
+        # statement, so a step returns up to `limit` matches in one query.
+        db = self._reader()
         sql = "SELECT run_id FROM runs WHERE run_id >= ?"
         args: list = [low]
         if after is not None:
@@ -141,8 +146,11 @@ class SqliteStore(RunStore):
         if high is not None:
             sql += " AND run_id < ?"
             args.append(high)
-        rows = self._reader().execute(sql + " ORDER BY run_id LIMIT ?", (*args, limit)).fetchall()
-        return [row[0] for row in rows]
+        if not patterns.prefixes_decide:
+            db.create_function("maxent_run_matches", 1, patterns.matches, deterministic=True)
+            sql += " AND maxent_run_matches(run_id)"
+        ids = [row[0] for row in db.execute(sql + " ORDER BY run_id LIMIT ?", (*args, limit))]
+        return ids, (ids[-1] if len(ids) == limit else None)
 
     def _fetch_many(self, run_ids: Sequence[str]) -> list[RunRecord]:
         found: dict[str, RunRecord] = {}
