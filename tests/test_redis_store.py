@@ -16,9 +16,14 @@ from dataclasses import replace
 
 import pytest
 import redis
-
 from maxent_server.domain import ControllerState, RunConfig
-from maxent_server.store import RunNotFound, RunPatterns, StoreUnavailable, VersionMismatch, open_store
+from maxent_server.store import (
+    RunNotFound,
+    RunPatterns,
+    StoreUnavailable,
+    VersionMismatch,
+    open_store,
+)
 from maxent_server.store.redis import RedisSettings, RedisStore, store_from_url
 from redis_process import REDIS_SERVER, SKIP_REASON, RedisProcess, make_tls_files
 
@@ -306,7 +311,7 @@ def test_runs_of_the_v1_layout_are_moved_by_migrate_v1(redis_server, raw, prefix
     the new store warns that they are there and does not read them;
     migrate-v1 moves them with their request ids and history."""
     store = store_from_url(redis_server.url(prefix=prefix))
-    template, _ = store.create_run("template", RunConfig(tau=0.7), now=3.0)
+    store.create_run("template", RunConfig(tau=0.7), now=3.0)
     store.update_controller("template", "req-1", None, bump)
     new_keys = keys_of(store, "template")
     fields = raw.hgetall(new_keys["run"])
@@ -322,7 +327,8 @@ def test_runs_of_the_v1_layout_are_moved_by_migrate_v1(redis_server, raw, prefix
     assert "2 runs in the old key layout" in caplog.text
     assert store.list_runs(None, 10) == []
     result = subprocess.run([sys.executable, "-m", "maxent_server.store.redis", "migrate-v1",
-                             redis_server.url(prefix=prefix)], capture_output=True, text=True, timeout=120)
+                             redis_server.url(prefix=prefix)], check=False, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0 and "moved 2 runs" in result.stdout, result.stderr
     assert [r.run_id for r in store.list_runs(None, 10)] == ["a", "team/b:c"]
     for run_id in ("a", "team/b:c"):

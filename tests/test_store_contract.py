@@ -15,7 +15,6 @@ from dataclasses import replace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from maxent_server.auth import Principal, Role
 from maxent_server.domain import ControllerState, RunConfig
 from maxent_server.store import (
@@ -275,7 +274,7 @@ def test_list_runs_is_ordered_and_pages(store):
             break
         pages.append(ids_of(page))
         after = page[-1].run_id
-    assert sum(pages, []) == sorted(ids) and all(len(p) <= 2 for p in pages)
+    assert [i for p in pages for i in p] == sorted(ids) and all(len(p) <= 2 for p in pages)
     assert store.list_runs("b", 10)[0].run_id == "c:1"
     assert store.list_runs(None, 0) == []
 
@@ -364,7 +363,7 @@ def test_listing_equals_a_plain_filter_of_every_id(store, data, ids, page, after
         if len(got) < page:  # a short page is the last one
             break
         cursor = got[-1]
-    assert sum(pages, []) == wanted
+    assert [i for p in pages for i in p] == wanted
 
 
 # -- SQLite only -------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import uuid
 
 import grpc
 import pytest
-
 from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from maxent_server.domain import RunConfig
@@ -45,7 +44,7 @@ def _fill_other_runs(path, count: int) -> None:
     create_run writes them). Every tenth has a record that cannot be decoded:
     a listing that reads any record it does not return fails on them."""
     store = SqliteStore(path)
-    record, _ = store.create_run("other/template", RunConfig(tau=0.5), now=1.0)
+    store.create_run("other/template", RunConfig(tau=0.5), now=1.0)
     store.close()
     db = sqlite3.connect(path)
     config, state = db.execute("SELECT config, state FROM runs WHERE run_id = 'other/template'").fetchone()
@@ -181,7 +180,7 @@ def test_a_bad_state_store_url_stops_the_server_without_its_password(tmp_path):
         result = subprocess.run(
             [sys.executable, "-m", "maxent_server", "--port", "0", "--data-dir", str(tmp_path / "data"),
              "--device", "cpu", "--state-store", url],
-            capture_output=True, text=True, timeout=120,
+            check=False, capture_output=True, text=True, timeout=120,
         )
         output = result.stdout + result.stderr
         assert result.returncode == 2, output

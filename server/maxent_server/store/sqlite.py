@@ -27,6 +27,7 @@ from .base import (
     UpdateOutcome,
     VersionMismatch,
 )
+from .patterns import RunPatterns
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
