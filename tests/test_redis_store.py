@@ -1,10 +1,13 @@
-"""The Redis store on its own, against a real redis-server on a loopback port:
-the RunStore contract (as for SQLite), several store objects standing in for
-several replicas, request-id retention and expiry, key prefixes, AUTH, ACLs,
-TLS, and what happens while Redis is away."""
+"""What only the Redis store has, against a real redis-server on a loopback
+port (the RunStore contract both stores keep is test_store_contract.py): its
+keys, several store objects racing on one run's compare-and-set, request-id
+expiry, key prefixes that cannot reach each other, URLs, AUTH, ACLs, TLS, and
+what happens while Redis is away."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -13,9 +16,14 @@ from dataclasses import replace
 
 import pytest
 import redis
-
 from maxent_server.domain import ControllerState, RunConfig
-from maxent_server.store import RunConflict, RunNotFound, StoreUnavailable, VersionMismatch, open_store
+from maxent_server.store import (
+    RunNotFound,
+    RunPatterns,
+    StoreUnavailable,
+    VersionMismatch,
+    open_store,
+)
 from maxent_server.store.redis import RedisSettings, RedisStore, store_from_url
 from redis_process import REDIS_SERVER, SKIP_REASON, RedisProcess, make_tls_files
 
@@ -58,138 +66,45 @@ def raw(redis_server):
     client.close()
 
 
-# -- the RunStore contract --------------------------------------------------------
+# -- keys ------------------------------------------------------------------------------
 
 
-def test_open_store_dispatches_redis_urls(url):
-    s = open_store(url, "/nonexistent")
-    try:
-        assert isinstance(s, RedisStore)
-        s.ping()
-    finally:
-        s.close()
+def keys_of(store, run_id: str) -> dict[str, str]:
+    return dict(zip(("run", "req", "reqv", "hist"), store._keys(run_id)))
 
 
-def test_create_is_idempotent_for_the_same_config(store):
-    record, created = store.create_run("a", RunConfig(tau=1.0), now=1.5)
-    again, created_again = store.create_run("a", RunConfig(tau=1.0), now=2.0)
-    assert created and not created_again and again == record
-    assert store.get_run("a") == record and record.create_time == 1.5
-    with pytest.raises(RunConflict):
-        store.create_run("a", RunConfig(tau=2.0), now=3.0)
+def test_keys_name_the_prefix_layout_and_encoded_run_id(store, prefix):
+    assert keys_of(store, "team-a/run:1%") == {
+        "run": f"{prefix}:v2:run:team-a/run%3A1%25", "req": f"{prefix}:v2:req:team-a/run%3A1%25",
+        "reqv": f"{prefix}:v2:reqv:team-a/run%3A1%25", "hist": f"{prefix}:v2:hist:team-a/run%3A1%25"}
+    assert store._runs_key == f"{prefix}:v2:runs"
 
 
-def test_config_and_state_round_trip_exactly(store):
-    config = RunConfig(tau=0.1 + 0.2, beta=1e-300, target_entropy_start=1.0, target_entropy_final=0.25,
-                       target_entropy_horizon=7, tau_max=0.0, meta_enabled=True)
-    store.create_run("exact", config, now=1234567890.123456)
-
-    def weird(config, state):
-        return replace(state, version=state.version + 1, tau=float("inf"), entropy_ema=1 / 3)
-
-    store.update_controller("exact", "r", None, weird)
-    got = store.get_run("exact")
-    assert got.config == config and got.create_time == 1234567890.123456
-    assert got.state.tau == float("inf") and got.state.entropy_ema == 1 / 3
-
-
-def test_get_and_delete_unknown_runs(store):
-    with pytest.raises(RunNotFound):
-        store.get_run("nope")
-    with pytest.raises(RunNotFound):
-        store.delete_run("nope")
-    with pytest.raises(RunNotFound):
-        store.update_controller("nope", "r", None, bump)
-
-
-def test_replay_returns_the_first_result(store):
-    store.create_run("a", RunConfig(tau=1.0), now=1.0)
-    first = store.update_controller("a", "req-1", None, bump)
-    second = store.update_controller("a", "req-1", None, bump)
-    assert not first.replayed and second.replayed and second.state == first.state
-    assert store.get_run("a").state.version == 1
-
-
-def test_replay_is_checked_before_expected_version(store):
-    store.create_run("a", RunConfig(), now=1.0)
-    first = store.update_controller("a", "req-1", 0, bump)
-    store.update_controller("a", "req-2", 1, bump)
-    again = store.update_controller("a", "req-1", 0, bump)  # stale expected_version, but a replay
-    assert again.replayed and again.state == first.state
-
-
-def test_expected_version_and_failed_step_change_nothing(store):
-    store.create_run("a", RunConfig(tau=1.0), now=1.0)
-    with pytest.raises(VersionMismatch) as info:
-        store.update_controller("a", "x", 3, bump)
-    assert (info.value.expected, info.value.actual) == (3, 0)
-
-    def broken(config, state):
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError):
-        store.update_controller("a", "y", None, broken)
-    assert store.get_run("a").state.version == 0
-    assert not store.update_controller("a", "y", None, bump).replayed  # "y" was not recorded
-    assert store.update_controller("a", "z", 1, bump).state.version == 2
-
-
-def test_updates_without_request_id_all_apply(store):
-    store.create_run("a", RunConfig(), now=1.0)
-    for _ in range(3):
-        assert not store.update_controller("a", "", None, bump).replayed
-    assert store.get_run("a").state.version == 3
-
-
-def test_request_ids_are_kept_for_the_retention_window(store, raw, prefix):
+def test_request_ids_are_trimmed_to_the_retention_window(store, raw):
     store.create_run("a", RunConfig(tau=1.0), now=1.0)
     for i in range(8):
         store.update_controller("a", f"r{i}", None, bump)
-    assert raw.hlen(f"{prefix}:req:a") == 5 and raw.zcard(f"{prefix}:reqv:a") == 5
-    assert store.update_controller("a", "r7", None, bump).replayed
-    assert store.update_controller("a", "r3", None, bump).replayed  # within the last 5
-    assert not store.update_controller("a", "r0", None, bump).replayed  # forgotten
+    keys = keys_of(store, "a")
+    assert raw.hlen(keys["req"]) == 5 and raw.zcard(keys["reqv"]) == 5 and raw.zcard(keys["hist"]) == 5
 
 
-def test_default_retention_is_at_least_ten_thousand(url):
-    from maxent_server.store import REQUEST_ID_RETENTION
-
-    assert RedisSettings.from_url(url).retention >= REQUEST_ID_RETENTION >= 10_000
-
-
-def test_request_id_memory_expires(url, raw, prefix):
+def test_request_id_memory_expires(url, raw):
     s = store_from_url(url, request_id_ttl=1)
     try:
+        keys = keys_of(s, "a")
         s.create_run("a", RunConfig(), now=1.0)
         s.update_controller("a", "r1", None, bump)
-        left = raw.pttl(f"{prefix}:req:a")
+        left = raw.pttl(keys["req"])
         assert left == -2 or 0 < left <= 1000  # -2: already gone on a slow machine
         deadline = time.monotonic() + 60
-        while raw.exists(f"{prefix}:req:a", f"{prefix}:reqv:a") and time.monotonic() < deadline:
+        while raw.exists(keys["req"], keys["reqv"]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not raw.exists(f"{prefix}:req:a", f"{prefix}:reqv:a")
+        assert not raw.exists(keys["req"], keys["reqv"])
         assert not s.update_controller("a", "r1", None, bump).replayed  # forgotten after the expiry
         assert s.get_run("a").state.version == 2  # the run itself never expires
-        assert raw.ttl(f"{prefix}:run:a") == -1
+        assert raw.ttl(keys["run"]) == -1
     finally:
         s.close()
-
-
-def test_list_runs_is_ordered_and_pages(store):
-    ids = ["b", "a/2", "a", "c:1", "B", "a-1", "z" * 128]
-    for run_id in ids:
-        store.create_run(run_id, RunConfig(), now=1.0)
-    assert [r.run_id for r in store.list_runs(None, 100)] == sorted(ids)
-    pages, after = [], None
-    while True:
-        page = store.list_runs(after, 2)
-        if not page:
-            break
-        pages.append([r.run_id for r in page])
-        after = page[-1].run_id
-    assert sum(pages, []) == sorted(ids) and all(len(p) <= 2 for p in pages)
-    assert store.list_runs("b", 10)[0].run_id == "c:1"
-    assert store.list_runs(None, 0) == []
 
 
 def test_delete_removes_every_key_of_the_run(store, raw, prefix):
@@ -197,34 +112,10 @@ def test_delete_removes_every_key_of_the_run(store, raw, prefix):
     store.create_run("keep", RunConfig(), now=1.0)
     store.update_controller("a", "r1", None, bump)
     store.delete_run("a")
-    assert sorted(raw.keys(f"{prefix}:*")) == [f"{prefix}:run:keep", f"{prefix}:runs"]
-    assert [r.run_id for r in store.list_runs(None, 10)] == ["keep"]
-    with pytest.raises(RunNotFound):
-        store.get_run("a")
-    # The id is free again, with a fresh controller and no request ids.
-    store.create_run("a", RunConfig(tau=2.0), now=2.0)
-    assert not store.update_controller("a", "r1", None, bump).replayed
-    assert store.get_run("a").state.version == 1
+    assert sorted(raw.keys(f"{prefix}:*")) == [keys_of(store, "keep")["run"], f"{prefix}:v2:runs"]
 
 
 # -- several writers -----------------------------------------------------------------
-
-
-def test_concurrent_updates_from_several_store_objects_count_exactly(url):
-    replicas = [store_from_url(url) for _ in range(3)]
-    try:
-        replicas[0].create_run("a", RunConfig(tau=1.0), now=1.0)
-        with ThreadPoolExecutor(12) as pool:
-            outcomes = list(pool.map(lambda i: replicas[i % 3].update_controller("a", f"req-{i}", None, bump),
-                                     range(300)))
-        state = replicas[1].get_run("a").state
-        assert state.version == 300 and state.beta == 300.0
-        # Every accepted update saw a distinct predecessor: versions 1..300 once each.
-        assert sorted(o.state.version for o in outcomes) == list(range(1, 301))
-        assert all(o.state.beta == o.state.version for o in outcomes)
-    finally:
-        for s in replicas:
-            s.close()
 
 
 def test_the_same_request_id_on_every_replica_at_once_applies_once(url):
@@ -316,7 +207,7 @@ def test_a_run_deleted_and_recreated_mid_update_gets_the_update_on_its_new_self(
         other.close()
 
 
-def test_a_replica_never_answers_from_what_it_wrote_before(url, raw, prefix):
+def test_a_replica_never_answers_from_what_it_wrote_before(url, raw):
     mine, other = store_from_url(url), store_from_url(url)
     try:
         mine.create_run("a", RunConfig(), now=1.0)
@@ -329,7 +220,7 @@ def test_a_replica_never_answers_from_what_it_wrote_before(url, raw, prefix):
             mine.update_controller("a", "m3", 2, bump)
         # The run vanishing behind the replica's back (an operator, a lost
         # Redis) is NOT_FOUND, not a write on top of a remembered state.
-        raw.delete(f"{prefix}:run:a")
+        raw.delete(keys_of(mine, "a")["run"])
         with pytest.raises(RunNotFound):
             mine.update_controller("a", "m4", None, bump)
         with pytest.raises(RunNotFound):
@@ -339,14 +230,15 @@ def test_a_replica_never_answers_from_what_it_wrote_before(url, raw, prefix):
         other.close()
 
 
-def test_a_turn_claimed_by_a_writer_that_went_away_lapses(store, raw, prefix):
+def test_a_turn_claimed_by_a_writer_that_went_away_lapses(store, raw):
     """A writer that keeps losing claims the next turn; if it never comes
     back, the claim runs out and the others go on."""
     store.create_run("a", RunConfig(), now=1.0)
     now_ms = int(raw.time()[0]) * 1000 + int(raw.time()[1]) // 1000
-    raw.hset(f"{prefix}:run:a", mapping={"claimant": "ghost", "claim_until": now_ms + 300})
+    run_key = keys_of(store, "a")["run"]
+    raw.hset(run_key, mapping={"claimant": "ghost", "claim_until": now_ms + 300})
     assert store.update_controller("a", "after-ghost", None, bump).state.version == 1
-    assert raw.hmget(f"{prefix}:run:a", "claimant", "claim_until") == [None, None]
+    assert raw.hmget(run_key, "claimant", "claim_until") == [None, None]
 
 
 # -- prefixes, AUTH, ACL, TLS ------------------------------------------------------------
@@ -380,6 +272,87 @@ def test_databases_are_apart(redis_server):
     finally:
         zero.close()
         five.close()
+
+
+@pytest.mark.parametrize("outer, inner, run_id, inner_id", [
+    ("team", "team:run:evil", "evil:run:victim", "victim"),  # v1: both were team:run:evil:run:victim
+    ("team", "team:run", "runs", "x"),  # v1: team:run:runs was a run of one and the index of the other
+    ("p", "p:v2:run", "a:v2:run:b", "b"),
+    ("p", "p:v2", "runs", "runs"),
+])
+def test_no_prefix_reaches_another_prefixes_runs(redis_server, raw, outer, inner, run_id, inner_id):
+    tag = uuid.uuid4().hex[:6]
+    a = store_from_url(redis_server.url(prefix=f"{tag}{outer}"))
+    b = store_from_url(redis_server.url(prefix=f"{tag}{inner}"))
+    try:
+        a.create_run(run_id, RunConfig(tau=1.0), now=1.0)
+        a.update_controller(run_id, "r", None, bump)
+        assert b.list_runs(None, 10) == []
+        with pytest.raises(RunNotFound):
+            b.get_run(inner_id)
+        with pytest.raises(RunNotFound):
+            b.update_controller(inner_id, "r", None, bump)
+        b.create_run(inner_id, RunConfig(tau=2.0), now=2.0)  # its own run, no conflict, no WRONGTYPE
+        assert not b.update_controller(inner_id, "r", None, bump).replayed
+        assert [r.run_id for r in b.list_runs(None, 10)] == [inner_id]
+        assert [r.run_id for r in a.list_runs(None, 10)] == [run_id]
+        assert a.get_run(run_id).config.tau == 1.0 and a.get_run(run_id).state.version == 1
+        b.delete_run(inner_id)
+        assert a.get_run(run_id).state.version == 1
+    finally:
+        for s in (a, b):
+            for r in s.list_runs(None, 10):
+                s.delete_run(r.run_id)
+            s.close()
+
+
+def test_runs_of_the_v1_layout_are_moved_by_migrate_v1(redis_server, raw, prefix, caplog):
+    """Version 1 keys (P:runs, P:run:ID, ...) as the old store wrote them:
+    the new store warns that they are there and does not read them;
+    migrate-v1 moves them with their request ids and history."""
+    store = store_from_url(redis_server.url(prefix=prefix))
+    store.create_run("template", RunConfig(tau=0.7), now=3.0)
+    store.update_controller("template", "req-1", None, bump)
+    new_keys = keys_of(store, "template")
+    fields = raw.hgetall(new_keys["run"])
+    for run_id in ("a", "team/b:c"):
+        raw.hset(f"{prefix}:run:{run_id}", mapping=fields)
+        raw.hset(f"{prefix}:req:{run_id}", "req-1", raw.hget(new_keys["req"], "req-1"))
+        raw.zadd(f"{prefix}:reqv:{run_id}", {"req-1": 1})
+        raw.zadd(f"{prefix}:hist:{run_id}", {raw.zrange(new_keys["hist"], 0, 0)[0]: 1})
+        raw.zadd(f"{prefix}:runs", {run_id: 0})
+    store.delete_run("template")
+    with caplog.at_level("WARNING", logger="maxent_server"):
+        store_from_url(redis_server.url(prefix=prefix, startup_wait=0)).ping()
+    assert "2 runs in the old key layout" in caplog.text
+    assert store.list_runs(None, 10) == []
+    result = subprocess.run([sys.executable, "-m", "maxent_server.store.redis", "migrate-v1",
+                             redis_server.url(prefix=prefix)], check=False, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "moved 2 runs" in result.stdout, result.stderr
+    assert [r.run_id for r in store.list_runs(None, 10)] == ["a", "team/b:c"]
+    for run_id in ("a", "team/b:c"):
+        assert store.get_run(run_id).config == RunConfig(tau=0.7) and store.get_run(run_id).create_time == 3.0
+        assert store.update_controller(run_id, "req-1", None, bump).replayed
+        assert [state.version for state in store.states_since(run_id, 0, 10)] == [1]
+    assert sorted(raw.keys(f"{prefix}:*")) == sorted([f"{prefix}:v2:runs"] + [
+        key for run_id in ("a", "team/b:c") for key in store._keys(run_id)])
+    store.close()
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:s3cret@host:notaport/0",
+    "redis://user:s3cret@host:99999/0",
+    "redis://:s3cret@[::1/0",
+    "redis://:s3/cret@host/0?nope=1",
+    "redis+tls://:s3cret@host/0",
+    "redis://:s3cret@host/x",
+])
+def test_a_bad_url_never_shows_the_password(url):
+    with pytest.raises(ValueError) as info:
+        open_store(url, "")
+    shown = str(info.value) + repr(info.value.__cause__) + repr(info.value.__context__)
+    assert "s3cret" not in shown and "s3/cret" not in shown
 
 
 def test_url_options_are_parsed_and_checked(monkeypatch):
@@ -437,6 +410,8 @@ def test_acl_user_limited_to_its_prefix(tmp_path, monkeypatch):
         s.create_run("r", RunConfig(), now=1.0)
         s.update_controller("r", "x", None, bump)
         assert [r.run_id for r in s.list_runs(None, 5)] == ["r"]
+        assert [r.run_id for r in s.list_matching(RunPatterns(["?"]), None, 5)] == ["r"]
+        assert [state.version for state in s.states_since("r", 0, 5)] == [1]
         s.delete_run("r")
         s.close()
         # Another prefix is outside the user's key pattern: refused at the start.

@@ -145,7 +145,10 @@ class MaxEntServer:
 
     async def _start_grpc(self, host: str) -> None:
         s = self.settings
-        self.store = open_store(s.state_store, s.data_dir)
+        try:
+            self.store = open_store(s.state_store, s.data_dir)
+        except ValueError as error:  # its message never holds the URL's password
+            raise ConfigError(f"--state-store: {error}") from None
         try:
             # Before binding: a store that never answers fails the start (a
             # Redis store waits its startup_wait first) without blocking the loop.

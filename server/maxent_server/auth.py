@@ -29,6 +29,7 @@ random token and the JSON entry (with its digest) to add to the file.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import enum
 import fnmatch
 import hashlib
@@ -90,6 +91,14 @@ class Principal:
 
     def may_access(self, run_id: str) -> bool:
         return any(fnmatch.fnmatchcase(run_id, pattern) for pattern in self.run_patterns)
+
+
+#: The principal of the call being served (None without --auth-tokens): set
+#: by the interceptor once the token is checked, read by the servicer where
+#: the answer depends on who asks (ListRuns).
+CURRENT_PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "maxent_principal", default=None
+)
 
 
 def hash_token(token: str) -> bytes:

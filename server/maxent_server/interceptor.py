@@ -15,30 +15,24 @@ health Watch and reflection pass through untouched.
 The wrapped handler takes and returns raw bytes so that the sizes in metrics
 and logs are the real wire sizes, at no extra cost.
 
-ListRuns under a token limited to some runs returns only those runs: pages
-are filled from as many store pages as needed, and the next-page token names
-the last run returned, so the caller never learns the ids of other runs.
+The checked principal is handed to the servicer in auth.CURRENT_PRINCIPAL
+(ListRuns lists only the runs it may touch).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 
 import grpc
 
-from maxent_api import pb
-
-from .auth import MAXENT_SERVICE, Authorizer, Principal
-from .domain.validation import MAX_PAGE_SIZE
+from .auth import CURRENT_PRINCIPAL, MAXENT_SERVICE, Authorizer, Principal
 from .logs import log_rpc
 from .metrics import Metrics, completions_in
 
 _BATCH_METHODS = frozenset({"ComputeRewardStatistics", "ComputeWeightStats", "ComputeStepStatistics"})
 _QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                              "grpc.reflection.v1.ServerReflection"})
-_DEFAULT_PAGE_SIZE = 100
 
 
 def _split(full_method: str) -> tuple[str, str]:
@@ -94,10 +88,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             try:
                 call.principal, call.request = await self._admit(raw, context, method, deserialize, protected)
                 principal, request = call.principal, call.request
-                if principal is not None and method == "ListRuns" and not principal.all_runs:
-                    response = await _list_visible_runs(inner, request, context, principal)
-                else:
-                    response = await inner(request, context)
+                CURRENT_PRINCIPAL.set(principal)  # this call's task only
+                response = await inner(request, context)
                 out = serialize(response) if serialize is not None else response
                 call.response_bytes = len(out)
                 if metrics is not None and maxent:
@@ -209,22 +201,3 @@ def _log_call(service, method, code, seconds, raw, response_bytes, request, prin
         principal=principal.name if principal is not None else "",
         peer=peer,
     )
-
-
-async def _list_visible_runs(inner, request, context, principal: Principal):
-    """A ListRuns page holding only the runs `principal` may touch."""
-    if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-        return await inner(request, context)  # the servicer says what is wrong
-    size = request.page_size or _DEFAULT_PAGE_SIZE
-    visible: list = []
-    token = request.page_token
-    while True:
-        page = await inner(pb.ListRunsRequest(page_size=MAX_PAGE_SIZE, page_token=token), context)
-        visible.extend(run for run in page.runs if principal.may_access(run.run_id))
-        if len(visible) > size or not page.next_page_token:
-            break
-        token = page.next_page_token
-    response = pb.ListRunsResponse(runs=visible[:size])
-    if len(visible) > size:
-        response.next_page_token = base64.urlsafe_b64encode(visible[size - 1].run_id.encode()).decode()
-    return response

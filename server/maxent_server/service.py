@@ -22,6 +22,7 @@ from maxent_api import SERVICE, pb, pb_grpc
 from maxent_api.wire import decode, encode, fill
 
 from . import convert
+from .auth import CURRENT_PRINCIPAL
 from .domain import (
     MAX_ANSWER_TEXT_CHARS,
     ControllerUpdate,
@@ -48,7 +49,7 @@ from .engine import (
 )
 from .engine.pooling import ReportResult
 from .errors import RewardFailures, translate_errors, translate_stream_errors
-from .store import RunNotFound, RunRecord, RunStore, StoreUnavailable
+from .store import RunNotFound, RunPatterns, RunRecord, RunStore, StoreUnavailable
 
 T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 100
@@ -181,7 +182,14 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         after = _decode_page_token(v, request.page_token)
         v.raise_if_any()
         size = request.page_size or DEFAULT_PAGE_SIZE
-        records = await self._run(self._store_pool, self.store.list_runs, after, size + 1)
+        # A token limited to some runs lists only those, read by their ids'
+        # prefixes: no other run's id, and no count of them, reaches it.
+        principal = CURRENT_PRINCIPAL.get()
+        if principal is None or principal.all_runs:
+            records = await self._run(self._store_pool, self.store.list_runs, after, size + 1)
+        else:
+            patterns = RunPatterns(principal.run_patterns)
+            records = await self._run(self._store_pool, self.store.list_matching, patterns, after, size + 1)
         response = pb.ListRunsResponse(runs=[convert.run_to_proto(r) for r in records[:size]])
         if len(records) > size:
             response.next_page_token = _encode_page_token(records[size - 1].run_id)

@@ -12,13 +12,17 @@ from .base import (
     StoreUnavailable,
     UpdateOutcome,
     VersionMismatch,
+    redact_url,
 )
+from .patterns import RunPatterns
 from .sqlite import SqliteStore
 
 
 def open_store(url: str, data_dir: str) -> RunStore:
     """Open the store named by `url` ('' or 'sqlite' = the embedded default;
-    redis:// or rediss:// = the shared Redis store, see store/redis.py)."""
+    redis:// or rediss:// = the shared Redis store, see store/redis.py).
+    A URL that cannot be used raises ValueError; its message never holds
+    the URL's password."""
     if url.startswith(("redis://", "rediss://")):
         from .redis import RedisStore  # imported only when asked for: needs the redis package
 
@@ -27,13 +31,14 @@ def open_store(url: str, data_dir: str) -> RunStore:
         return SqliteStore(Path(data_dir) / SqliteStore.FILENAME)
     if url.startswith("sqlite:///"):
         return SqliteStore(url[len("sqlite://") :])
-    raise ValueError(f"unsupported state store {url!r}")
+    raise ValueError(f"unsupported state store {redact_url(url)!r}")
 
 
 __all__ = [
     "REQUEST_ID_RETENTION",
     "RunConflict",
     "RunNotFound",
+    "RunPatterns",
     "RunRecord",
     "RunStore",
     "SqliteStore",
@@ -42,4 +47,5 @@ __all__ = [
     "UpdateOutcome",
     "VersionMismatch",
     "open_store",
+    "redact_url",
 ]

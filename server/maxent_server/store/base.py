@@ -8,15 +8,22 @@ remembers recent request ids so a replayed update applies nothing.
 from __future__ import annotations
 
 import abc
+import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 from ..domain import ControllerState, RunConfig
+from .patterns import RunPatterns, prefix_end
 
 # How many applied request ids a backend remembers per run, at least.
 REQUEST_ID_RETENTION = 10_000
 
 ControllerStep = Callable[[RunConfig, ControllerState], ControllerState]
+
+# Every run id, as a listing pattern.
+ALL_RUNS = RunPatterns(["*"])
+# The most ids one listing step reads from a backend.
+_SCAN_CHUNK_MAX = 16_384
 
 
 @dataclass(frozen=True)
@@ -87,9 +94,51 @@ class RunStore(abc.ABC):
     def get_run(self, run_id: str) -> RunRecord:
         """The run, or RunNotFound."""
 
-    @abc.abstractmethod
     def list_runs(self, after: str | None, limit: int) -> list[RunRecord]:
         """Up to `limit` runs with run_id > `after`, ordered by run_id."""
+        return self.list_matching(ALL_RUNS, after, limit)
+
+    def list_matching(self, patterns: RunPatterns, after: str | None, limit: int) -> list[RunRecord]:
+        """Up to `limit` runs whose id matches `patterns` and is > `after`,
+        ordered by run_id. Reads the ids under the patterns' literal prefixes
+        in id order (see store/patterns.py) and the records of the runs it
+        returns, nothing else; never waits for a writer."""
+        if limit <= 0:
+            return []
+        ids = self._matching_ids(patterns, after, chunk=min(max(limit, 256), 4096))
+        records: list[RunRecord] = []
+        while len(records) < limit:
+            batch = list(itertools.islice(ids, limit - len(records)))
+            if not batch:
+                break
+            records.extend(self._fetch_many(batch))  # a run deleted meanwhile is left out
+        return records
+
+    def _matching_ids(self, patterns: RunPatterns, after: str | None, chunk: int) -> Iterator[str]:
+        for prefix in patterns.prefixes:
+            end = prefix_end(prefix)
+            if after is not None and end is not None and after >= end:
+                continue  # the page token is past this prefix
+            cursor: str | None = after
+            while True:
+                ids, cursor = self._scan_matching(patterns, cursor, prefix, end, chunk)
+                yield from ids
+                if cursor is None:
+                    break
+                chunk = min(chunk * 2, _SCAN_CHUNK_MAX)  # few matches so far: read further per step
+
+    @abc.abstractmethod
+    def _scan_matching(
+        self, patterns: RunPatterns, after: str | None, low: str, high: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        """One step of a listing: the ids matching `patterns` that are >
+        `after` (None: no bound), >= `low` and < `high` (None: no bound),
+        ascending, from at most `limit` ids read; and the id to resume after,
+        or None when the range is done."""
+
+    @abc.abstractmethod
+    def _fetch_many(self, run_ids: Sequence[str]) -> list[RunRecord]:
+        """The runs of `run_ids` that exist, in the given order."""
 
     @abc.abstractmethod
     def delete_run(self, run_id: str) -> None:
@@ -119,3 +168,14 @@ class RunStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Flush and release the backend."""
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its user part (if any) replaced by ***,
+    however malformed the rest is. Everything up to the last '@' counts as
+    the user part, so a password holding '/' or '@' is hidden too."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"

@@ -3,16 +3,23 @@
     --state-store redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?OPTIONS]
     --state-store rediss://...            (TLS)
 
-Layout, under a key prefix P (option `prefix`, default "maxent"), so several
-deployments can share one Redis:
+Layout (version 2), under a key prefix P (option `prefix`, default
+"maxent"), so several deployments can share one Redis:
 
-    P:runs          sorted set of every run id, all scores 0: ordered by id
-    P:run:ID        hash: config, state (JSON), create_time, stamp (and
+    P:v2:runs       sorted set of every run id, all scores 0: ordered by id
+    P:v2:run:E      hash: config, state (JSON), create_time, stamp (and
                     claimant, claim_until while a writer holds the turn)
-    P:req:ID        hash: request id -> the state that request produced
-    P:reqv:ID       sorted set: request id scored by the version it produced
-    P:hist:ID       sorted set: each state (JSON) scored by its version, the
+    P:v2:req:E      hash: request id -> the state that request produced
+    P:v2:reqv:E     sorted set: request id scored by the version it produced
+    P:v2:hist:E     sorted set: each state (JSON) scored by its version, the
                     last `retention` versions (WatchRun reads it)
+
+where E is the run id percent-encoded so that it holds no ':' (see
+_encode_id). Read from the right, a key names its prefix, kind and run id
+unambiguously whatever characters the prefix and the id hold, so no prefix
+can reach another prefix's keys. Version 1 (P:runs, P:run:ID, ...) is not
+read: `python -m maxent_server.store.redis migrate-v1 URL` moves its runs
+across (migrate_v1), and ping() warns while any are left.
 
 A controller update runs the Python step on the run's state and writes the
 new state with a Lua compare-and-set on `stamp`, a token that every create
@@ -61,6 +68,7 @@ import json
 import logging
 import os
 import random
+import sys
 import threading
 import time
 import uuid
@@ -68,7 +76,7 @@ import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Iterator, Sequence
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 try:
@@ -91,11 +99,14 @@ from .base import (
     StoreUnavailable,
     UpdateOutcome,
     VersionMismatch,
+    redact_url,
 )
+from .patterns import RunPatterns
 
 log = logging.getLogger("maxent_server")
 
 DEFAULT_PREFIX = "maxent"
+LAYOUT = "v2"  # the key layout's version, part of every key
 DEFAULT_REQUEST_ID_TTL = 7 * 24 * 3600
 
 # Error replies that mean "Redis cannot serve this now" rather than a bug.
@@ -168,8 +179,12 @@ class RedisSettings:
         if not parts.hostname:
             raise ValueError("redis URL has no host")
         values: dict = {"host": parts.hostname, "tls": parts.scheme == "rediss"}
-        if parts.port is not None:
-            values["port"] = parts.port
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"redis URL {cls._redact(url)!r}: the port must be a number from 0 to 65535") from None
+        if port is not None:
+            values["port"] = port
         path = parts.path.strip("/")
         if path:
             values["db"] = _number("db", path, int)
@@ -206,12 +221,7 @@ class RedisSettings:
 
     @staticmethod
     def _redact(url: str) -> str:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.netloc.rsplit("@", 1)[1]
-        return parts._replace(netloc=f"{user}:***@{host}").geturl()
+        return redact_url(url)
 
     @property
     def address(self) -> str:
@@ -330,22 +340,27 @@ redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], ARGV[1])
 return 1
 """
+# KEYS: run, hist. ARGV: version, limit. nil when the run is missing, else
+# the states with a version above ARGV[1], ascending, at most ARGV[2].
+_HISTORY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+"""
 
-# KEYS: runs. ARGV: lower bound for ZRANGEBYLEX, limit, run key prefix.
-# A flat list: id, config, state, create_time, id, ... (one consistent snapshot).
-_LIST = """
-local ids = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], '+', 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {}
-for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', ARGV[3] .. id, 'config', 'state', 'create_time')
-  if f[1] then
-    out[#out + 1] = id
-    out[#out + 1] = f[1]
-    out[#out + 1] = f[2]
-    out[#out + 1] = f[3]
+# KEYS: the run's v1 keys (run, req, reqv, hist), the v1 index, its v2 keys
+# (same order), the v2 index. ARGV: run_id. 1 when moved; 0 when the v1 run
+# is gone or a v2 run of that id exists (its v1 keys are then left as they are).
+_MIGRATE_V1 = """
+local moved = 0
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('EXISTS', KEYS[6]) == 0 then
+  for i = 1, 4 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RENAME', KEYS[i], KEYS[i + 5]) end
   end
+  redis.call('ZADD', KEYS[10], 0, ARGV[1])
+  moved = 1
 end
-return out
+redis.call('ZREM', KEYS[5], ARGV[1])
+return moved
 """
 
 
@@ -408,10 +423,8 @@ class RedisStore(RunStore):
         self._create = self._redis.register_script(_CREATE)
         self._update = self._redis.register_script(_UPDATE)
         self._delete = self._redis.register_script(_DELETE)
-        self._list = self._redis.register_script(_LIST)
-        p = settings.prefix
-        self._runs_key = f"{p}:runs"
-        self._run_prefix = f"{p}:run:"
+        self._history = self._redis.register_script(_HISTORY)
+        self._runs_key = f"{settings.prefix}:{LAYOUT}:runs"
         # Updates of one run within this process take turns, so the replicas'
         # compare-and-set races are between processes, not threads.
         self._stripes = [threading.Lock() for _ in range(64)]
@@ -429,8 +442,8 @@ class RedisStore(RunStore):
 
     def _keys(self, run_id: str) -> tuple[str, str, str, str]:
         """run, req, reqv, hist (the order of _UPDATE's and _DELETE's KEYS)."""
-        p = self.settings.prefix
-        return f"{p}:run:{run_id}", f"{p}:req:{run_id}", f"{p}:reqv:{run_id}", f"{p}:hist:{run_id}"
+        base, encoded = f"{self.settings.prefix}:{LAYOUT}", _encode_id(run_id)
+        return f"{base}:run:{encoded}", f"{base}:req:{encoded}", f"{base}:reqv:{encoded}", f"{base}:hist:{encoded}"
 
     def _stripe(self, run_id: str) -> threading.Lock:
         return self._stripes[zlib.crc32(run_id.encode()) % len(self._stripes)]
@@ -484,13 +497,28 @@ class RedisStore(RunStore):
             raise RunNotFound(run_id)
         return self._record(run_id, config, state, create_time)
 
-    def list_runs(self, after: str | None, limit: int) -> list[RunRecord]:
-        if limit <= 0:
-            return []
-        lower = "-" if after is None else "(" + after
+    def _scan_matching(
+        self, patterns: RunPatterns, after: str | None, low: str, high: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        if after is not None and after >= low:
+            start = "(" + after
+        else:
+            start = "[" + low if low else "-"
+        stop = "+" if high is None else "(" + high
         with self._reachable("list runs"):
-            flat = self._list(keys=[self._runs_key], args=[lower, limit, self._run_prefix])
-        return [self._record(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
+            ids = self._redis.zrangebylex(self._runs_key, start, stop, start=0, num=limit)
+        resume = ids[-1] if len(ids) == limit else None
+        return (ids if patterns.prefixes_decide else [i for i in ids if patterns.matches(i)]), resume
+
+    def _fetch_many(self, run_ids: Sequence[str]) -> list[RunRecord]:
+        if not run_ids:
+            return []
+        with self._reachable("list runs"):
+            pipe = self._redis.pipeline(transaction=False)  # each run's fields are read at one instant
+            for run_id in run_ids:
+                pipe.hmget(self._keys(run_id)[0], "config", "state", "create_time")
+            replies = pipe.execute()
+        return [self._record(run_id, *fields) for run_id, fields in zip(run_ids, replies) if fields[0] is not None]
 
     def delete_run(self, run_id: str) -> None:
         with self._reachable("delete run"):
@@ -579,11 +607,9 @@ class RedisStore(RunStore):
         if limit <= 0:
             limit = 0
         with self._reachable("read state history"):
-            pipe = self._redis.pipeline(transaction=True)  # MULTI: the run and its history at one instant
-            pipe.exists(run_key)
-            pipe.zrangebyscore(hist_key, f"({int(version)}", "+inf", start=0, num=limit)
-            exists, states = pipe.execute()
-        if not exists:
+            # One script: the run and its history at one instant (and no MULTI for the ACL to allow).
+            states = self._history(keys=[run_key, hist_key], args=[int(version), limit])
+        if states is None:
             raise RunNotFound(run_id)
         return [_state(text) for text in states][:limit]
 
@@ -609,6 +635,39 @@ class RedisStore(RunStore):
                 time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
         self._pinged = True
         self._warn_if_not_durable()
+        self._warn_if_v1_runs_left()
+
+    def _v1_index(self) -> str:
+        return f"{self.settings.prefix}:runs"
+
+    def _warn_if_v1_runs_left(self) -> None:
+        try:
+            left = self._redis.zcard(self._v1_index())
+        except _redis.RedisError:  # not a sorted set: not ours
+            return
+        if left:
+            log.warning(
+                "Redis at %s holds %d runs in the old key layout, which this server does not read; move them with "
+                "python -m maxent_server.store.redis migrate-v1 URL (see docs/redis.md)", self.path, left,
+            )
+
+    def migrate_v1(self, batch: int = 500) -> tuple[int, int]:
+        """Move the runs of the version-1 key layout under this prefix to
+        version 2, each in one script; (moved, skipped). Stop servers of the
+        old version first: a run moves from under them."""
+        script = self._redis.register_script(_MIGRATE_V1)
+        p, old_index = self.settings.prefix, self._v1_index()
+        moved = skipped = 0
+        while True:
+            with self._reachable("migrate"):
+                ids = self._redis.zrange(old_index, 0, batch - 1)
+            if not ids:
+                return moved, skipped
+            for run_id in ids:
+                old = [f"{p}:{kind}:{run_id}" for kind in ("run", "req", "reqv", "hist")]
+                with self._reachable("migrate"):
+                    done = script(keys=[*old, old_index, *self._keys(run_id), self._runs_key], args=[run_id])
+                moved, skipped = moved + done, skipped + (1 - done)
 
     def _warn_if_not_durable(self) -> None:
         try:
@@ -626,9 +685,44 @@ class RedisStore(RunStore):
         self._redis.connection_pool.disconnect()
 
 
+def _encode_id(run_id: str) -> str:
+    """The run id in keys: percent-encoded, so it holds no ':' (and no '%'
+    but as an escape); distinct ids give distinct texts."""
+    return quote(run_id, safe="/")
+
+
 def store_from_url(url: str, **overrides) -> RedisStore:
     """A RedisStore for `url`, with settings fields overridden (tests)."""
     return RedisStore(replace(RedisSettings.from_url(url), **overrides))
 
 
-__all__ = ["RedisSettings", "RedisStore", "store_from_url"]
+__all__ = ["LAYOUT", "RedisSettings", "RedisStore", "redact_url", "store_from_url"]
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m maxent_server.store.redis", description="Redis store tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    migrate = sub.add_parser("migrate-v1", help="move runs of the old key layout to the current one")
+    migrate.add_argument("url", help="the --state-store URL (the password may come from MAXENT_REDIS_PASSWORD)")
+    args = parser.parse_args(argv)
+    try:
+        store = RedisStore.from_url(args.url)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        moved, skipped = store.migrate_v1()
+    except StoreUnavailable as error:
+        print(error, file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"moved {moved} runs to the {LAYOUT} layout under prefix {store.settings.prefix!r}"
+          + (f"; {skipped} left in the old layout (a run of the same id exists in the new one)" if skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
+

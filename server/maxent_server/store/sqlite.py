@@ -2,9 +2,10 @@
 
 Every write commits with synchronous=FULL before the call returns, so an
 acknowledged CreateRun or UpdateController survives a kill -9 of the server.
-Writes go through one connection under a lock; get_run reads through a
-connection of the calling thread's own, which in WAL mode sees the last
-commit without waiting for a writer (hence local_reads).
+Writes go through one connection under a lock; reads (get_run, listings,
+state history) go through a connection of the calling thread's own, which in
+WAL mode sees the last commit without waiting for a writer (hence
+local_reads). Listings walk the primary-key index on run_id by range.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Sequence
 
 from ..domain import ControllerState, RunConfig
 from .base import (
@@ -25,6 +27,7 @@ from .base import (
     UpdateOutcome,
     VersionMismatch,
 )
+from .patterns import RunPatterns
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -50,6 +53,10 @@ CREATE TABLE IF NOT EXISTS state_history (
 """
 
 
+# Ids per `IN (...)` list: below SQLite's oldest limit on bound parameters.
+_IN_LIST_MAX = 500
+
+
 def _dump(obj: RunConfig | ControllerState) -> str:
     return json.dumps(obj.to_dict(), sort_keys=True)
 
@@ -72,13 +79,14 @@ class SqliteStore(RunStore):
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
         self._readers = threading.local()
+        self._readers_lock = threading.Lock()
         self._reader_connections: list[sqlite3.Connection] = []
         self._closed = False
 
     def _reader(self) -> sqlite3.Connection:
         db = getattr(self._readers, "db", None)
         if db is None:
-            with self._lock:
+            with self._readers_lock:  # not the writer's lock: a read never waits for a write
                 if self._closed:
                     raise sqlite3.ProgrammingError("the store is closed")
                 db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
@@ -125,13 +133,37 @@ class SqliteStore(RunStore):
             raise RunNotFound(run_id)
         return record
 
-    def list_runs(self, after: str | None, limit: int) -> list[RunRecord]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT run_id, config, state, create_time FROM runs WHERE run_id > ? ORDER BY run_id LIMIT ?",
-                (after or "", limit),
-            ).fetchall()
-        return [self._record(row) for row in rows]
+    def _scan_matching(
+        self, patterns: RunPatterns, after: str | None, low: str, high: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        # A range scan of the primary-key index; ids are tested in the same
+        # statement, so a step returns up to `limit` matches in one query.
+        db = self._reader()
+        sql = "SELECT run_id FROM runs WHERE run_id >= ?"
+        args: list = [low]
+        if after is not None:
+            sql += " AND run_id > ?"
+            args.append(after)
+        if high is not None:
+            sql += " AND run_id < ?"
+            args.append(high)
+        if not patterns.prefixes_decide:
+            db.create_function("maxent_run_matches", 1, patterns.matches, deterministic=True)
+            sql += " AND maxent_run_matches(run_id)"
+        ids = [row[0] for row in db.execute(sql + " ORDER BY run_id LIMIT ?", (*args, limit))]
+        return ids, (ids[-1] if len(ids) == limit else None)
+
+    def _fetch_many(self, run_ids: Sequence[str]) -> list[RunRecord]:
+        found: dict[str, RunRecord] = {}
+        db = self._reader()
+        for start in range(0, len(run_ids), _IN_LIST_MAX):
+            chunk = run_ids[start : start + _IN_LIST_MAX]
+            marks = ",".join("?" * len(chunk))
+            for row in db.execute(
+                f"SELECT run_id, config, state, create_time FROM runs WHERE run_id IN ({marks})", chunk
+            ):
+                found[row[0]] = self._record(row)
+        return [found[run_id] for run_id in run_ids if run_id in found]
 
     def delete_run(self, run_id: str) -> None:
         with self._lock, self._transaction():
@@ -198,7 +230,7 @@ class SqliteStore(RunStore):
             self._db.execute("SELECT 1").fetchone()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_lock:
             self._closed = True
             for db in self._reader_connections:
                 db.close()
