@@ -62,6 +62,8 @@ class ServerSettings:
     tls_key: str = ""
     tls_client_ca: str = ""
     access_log: bool = True
+    reward_backend: str = "local"  # "local" (worker processes here) or "ray"
+    ray_address: str = ""  # with reward_backend "ray": HOST:PORT of the cluster's head (GCS)
 
 
 class ConfigError(ValueError):
@@ -112,6 +114,7 @@ class MaxEntServer:
             raise ConfigError(str(error)) from None
         if s.metrics_auth and self.authorizer is None:
             raise ConfigError("--metrics-auth needs --auth-tokens")
+        _check_reward_backend(s)
         authenticated = self.authorizer is not None
         host, narrowed = restrict_to_loopback(s.host, authenticated, s.insecure_allow_remote)
         metrics_host, metrics_narrowed = restrict_to_loopback(
@@ -159,7 +162,11 @@ class MaxEntServer:
         # with one line and nothing left to shut down.
         self._bind(host)
         self.engine = Engine(s.device, threads=s.torch_threads)
-        self.rewards = _reward_runner(s)
+        try:
+            self.rewards = _reward_runner(s)
+        except ConfigError:
+            self.store.close()
+            raise
         if self.metrics is not None and self.rewards is not None:
             self.metrics.declare_rewards(f.name for f in self.rewards.list_functions())
             rewards = self.rewards
@@ -289,7 +296,25 @@ def _bind_failure(host: str, port: int, *, only_in_use: bool = False) -> str | N
     return None if only_in_use else f"cannot listen on {_address(host, port)}: pick another with --port"
 
 
+def _check_reward_backend(s: ServerSettings) -> None:
+    if s.reward_backend not in ("local", "ray"):
+        raise ConfigError(f"--reward-backend must be local or ray, not {s.reward_backend!r}")
+    if s.reward_backend == "ray" and not s.ray_address:
+        raise ConfigError("--reward-backend ray needs --ray-address (the Ray cluster's HOST:PORT or ray://HOST:PORT)")
+
+
 def _reward_runner(s: ServerSettings):
     from .rewards import RewardRunner
 
-    return RewardRunner(workers=s.reward_workers, timeout_seconds=s.reward_timeout_seconds, load_plugins=s.load_plugins)
+    backend = None
+    if s.reward_backend == "ray":
+        from .rewards.ray_backend import RayBackend, RayUnavailableError
+
+        def backend(timeout: float, plugins: list[tuple[str, str]]) -> RayBackend:
+            try:
+                return RayBackend(s.ray_address, timeout, plugins)
+            except RayUnavailableError as error:
+                raise ConfigError(str(error)) from None
+
+    return RewardRunner(workers=s.reward_workers, timeout_seconds=s.reward_timeout_seconds, load_plugins=s.load_plugins,
+                        backend=backend)
