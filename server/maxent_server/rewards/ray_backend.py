@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -365,6 +366,9 @@ def _connect(address: str) -> Any:
         import ray
     except ImportError:
         raise RayUnavailableError("the Ray backend needs Ray: pip install 'maxent-grpo-service[ray]'") from None
+    problem = _unreachable(address)
+    if problem:
+        raise RayUnavailableError(f"cannot reach the Ray cluster at {address}: {problem}")
     outcome: list[BaseException | None] = []
 
     def join() -> None:
@@ -374,7 +378,8 @@ def _connect(address: str) -> Any:
         except BaseException as error:  # noqa: BLE001 - reported as one line
             outcome.append(error)
 
-    # ray.init can wait a long time for an address that never answers.
+    # ray.init can wait minutes for an address that never answers. In a thread
+    # it also leaves the server's SIGTERM handling alone.
     thread = threading.Thread(target=join, name="maxent-ray-connect", daemon=True)
     thread.start()
     thread.join(CONNECT_TIMEOUT_S)
@@ -383,3 +388,15 @@ def _connect(address: str) -> Any:
     if outcome[0] is not None:
         raise RayUnavailableError(f"cannot join the Ray cluster at {address}: {_worker.short_error(outcome[0])}")
     return ray
+
+
+def _unreachable(address: str) -> str:
+    """Why a TCP connection to a ``HOST:PORT`` address fails ("" when it works or the form is another)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return ""
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5.0).close()
+    except OSError as error:
+        return error.strerror or str(error) or type(error).__name__
+    return ""
