@@ -57,6 +57,8 @@ MAX_CHUNK = 32
 MAX_RETRIES = 3
 #: How often a waiting call looks at its ``cancelled`` event, seconds.
 POLL_S = 0.05
+#: Seconds the cluster's CPU count is reused before it is asked again.
+CPUS_TTL_S = 5.0
 #: A connection to the cluster that takes longer than this fails the start.
 CONNECT_TIMEOUT_S = 60.0
 _STAT_NAMES = ("gold_parses", "answer_parses", "verifications", "plugin_calls")
@@ -129,6 +131,7 @@ class RayBackend:
         self._queued = 0
         self._stats = dict.fromkeys((*_STAT_NAMES, "items", "timeouts", "crashes", "retries", "tasks"), 0)
         self._ray = _connect(address)
+        self._cpus, self._cpus_at = 1, -CPUS_TTL_S
         self._task = self._ray.remote(evaluate_chunk).options(
             max_retries=0, num_cpus=1, name="maxent-reward-chunk"
         )
@@ -147,11 +150,16 @@ class RayBackend:
         return _Call(self, items, cancelled).run()
 
     def cluster_cpus(self) -> int:
-        """CPUs of the cluster (at least 1): how many chunks of one call run at once."""
-        try:
-            return max(1, int(self._ray.cluster_resources().get("CPU", 1)))
-        except Exception:  # noqa: BLE001 - the GCS is briefly away; carry on with one
-            return 1
+        """CPUs of the cluster (at least 1): how many chunks of one call run at once.
+        Asked of the cluster at most every :data:`CPUS_TTL_S` seconds."""
+        now = time.monotonic()
+        if now - self._cpus_at >= CPUS_TTL_S:
+            try:
+                self._cpus = max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+            except Exception:  # noqa: BLE001 - the GCS is briefly away; keep the last answer
+                pass
+            self._cpus_at = now
+        return self._cpus
 
     def stats(self) -> dict[str, int]:
         with self._lock:
