@@ -254,13 +254,11 @@ class _Call:
             if not ready:
                 return
             try:
-                ref = next(gen)
+                message = self.ray.get(next(gen))
             except StopIteration:
                 del self.flights[gen]
                 self._requeue(flight.unfinished(), flight.attempt, "its task ended early")
                 return
-            try:
-                message = self.ray.get(ref)
             except Exception as error:  # noqa: BLE001 - the task or its worker failed
                 del self.flights[gen]
                 self._on_failure(flight, error)
