@@ -26,8 +26,8 @@ def ray_command() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def marked_pids(value: str) -> list[int]:
-    """Processes whose environment has MARKER=value (or starts with it, for a cluster prefix)."""
+def marked_pids(value: str, *, prefix: bool = False) -> list[int]:
+    """Processes whose environment has MARKER=value (with ``prefix``: a value starting with it)."""
     needle = f"{MARKER}={value}".encode()
     pids = []
     for entry in os.listdir("/proc"):
@@ -38,7 +38,7 @@ def marked_pids(value: str) -> list[int]:
                 env = fh.read()
         except OSError:
             continue
-        if any(var.startswith(needle) for var in env.split(b"\0")):
+        if any(var.startswith(needle) if prefix else var == needle for var in env.split(b"\0")):
             pids.append(int(entry))
     return pids
 
@@ -76,15 +76,30 @@ class RayCluster:
         try:
             self._start("head", ["--head", f"--port={self.port}", "--include-dashboard=false",
                                  f"--temp-dir={self.ray_dir}", "--node-ip-address=127.0.0.1"])
-            self._start("worker", [f"--address={self.address}", "--node-ip-address=127.0.0.1"])
+            self.add_worker_node("worker")
         except BaseException:
             self.stop()
             raise
         return self
 
-    def kill_worker_node(self) -> int:
-        """SIGKILL every process of the worker node (its raylet and its Ray workers)."""
-        pids = marked_pids(f"{self.tag}-worker")
+    def add_worker_node(self, name: str) -> None:
+        """Start a worker node (one CPU) called ``name``."""
+        self._start(name, [f"--address={self.address}", "--node-ip-address=127.0.0.1"])
+
+    def running_task(self, node: str, task_name: str) -> bool:
+        """Whether a Ray worker of ``node`` is running a task named ``task_name`` (its process title)."""
+        for pid in marked_pids(f"{self.tag}-{node}"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    if f"ray::{task_name}".encode() in fh.read():
+                        return True
+            except OSError:
+                continue
+        return False
+
+    def kill_node(self, node: str) -> int:
+        """SIGKILL every process of worker node ``node`` (its raylet and its Ray workers)."""
+        pids = marked_pids(f"{self.tag}-{node}")
         kill_pids(pids)
         return len(pids)
 
@@ -92,10 +107,10 @@ class RayCluster:
         """Kill the cluster's processes and wait until none is left."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            pids = marked_pids(self.tag)
+            pids = marked_pids(self.tag, prefix=True)
             if not pids:
                 shutil.rmtree(self.ray_dir, ignore_errors=True)
                 return
             kill_pids(pids)
             time.sleep(0.2)
-        raise RuntimeError(f"Ray processes still running: {marked_pids(self.tag)}")
+        raise RuntimeError(f"Ray processes still running: {marked_pids(self.tag, prefix=True)}")

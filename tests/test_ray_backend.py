@@ -139,12 +139,30 @@ def test_unreachable_ray_cluster_fails_the_start(tmp_path):
     assert f"cannot start: cannot reach the Ray cluster at {address}" in proc.log()
 
 
+def _numbered_batch(n: int) -> tuple[list[str], list[str], np.ndarray]:
+    """n distinct math items, every other one right: (completions, golds, expected math_accuracy)."""
+    completions = [f"\\boxed{{{k}}}" if k % 2 == 0 else f"\\boxed{{{k + 1}}}" for k in range(n)]
+    expected = np.array([1.0 if k % 2 == 0 else 0.0 for k in range(n)])
+    return completions, [str(k) for k in range(n)], expected
+
+
+def _kill_when_busy(cluster: RayCluster, node: str, running: threading.Thread) -> None:
+    """Kill ``node`` once it runs a reward chunk, while ``running`` is still going."""
+    deadline = time.monotonic() + 120
+    while not cluster.running_task(node, "maxent-reward-chunk"):
+        assert running.is_alive(), "the batch finished before the node ran a chunk; make it larger"
+        assert time.monotonic() < deadline, "the node never ran a reward chunk"
+        time.sleep(0.05)
+    time.sleep(0.5)  # some of its items done, the rest in flight
+    assert running.is_alive(), "the batch finished before the node was killed; make it larger"
+    assert cluster.kill_node(node) > 0
+
+
 def test_node_loss_mid_batch_loses_no_completion(ray_cluster, server):
     """Kill the worker node while a batch runs: each completion is scored (its
     chunk sent again) or marked failed -- none missing, none a silent 0."""
-    n = 3000
-    completions = [f"\\boxed{{{k}}}" if k % 2 == 0 else f"\\boxed{{{k + 1}}}" for k in range(n)]
-    answers = [str(k) for k in range(n)]
+    n = 5000
+    completions, answers, expected = _numbered_batch(n)
     outcome: dict = {}
 
     def call() -> None:
@@ -158,15 +176,12 @@ def test_node_loss_mid_batch_loses_no_completion(ray_cluster, server):
 
     thread = threading.Thread(target=call)
     thread.start()
-    time.sleep(4.0)
-    assert thread.is_alive(), "the batch finished before the node was killed; make it larger"
-    assert ray_cluster.kill_worker_node() > 0
+    _kill_when_busy(ray_cluster, "worker", thread)
     thread.join(300)
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
     stats = outcome["stats"]
     values = stats.per_reward["math_accuracy"].values
     failed = stats.per_reward["math_accuracy"].failed
-    expected = np.array([1.0 if k % 2 == 0 else 0.0 for k in range(n)])
     assert len(values) == n
     np.testing.assert_array_equal(values[~failed], expected[~failed])  # every value that came back is right
     assert np.isnan(values[failed]).all()
@@ -178,3 +193,37 @@ def test_node_loss_mid_batch_loses_no_completion(ray_cluster, server):
         again = c.compute_reward_statistics(completions=[["\\boxed{2}", "\\boxed{3}"]], answers=["2"],
                                             rewards=[RewardTerm("math_accuracy", 1.0)])
     np.testing.assert_array_equal(again.total_utils, [1.0, 0.0])
+
+
+def test_node_loss_past_the_retries_marks_the_lost_items_failed(ray_cluster, monkeypatch):
+    """With no retries left, the items of a lost node come back failed with the
+    reason; the rest are scored. The backend runs in this process here."""
+    import ray
+
+    from maxent_server.rewards import ray_backend
+    from maxent_server.rewards._worker import ITEM_MATH
+
+    ray_cluster.add_worker_node("worker2")
+    monkeypatch.setattr(ray_backend, "MAX_RETRIES", 0)
+    backend = ray_backend.RayBackend(ray_cluster.address, 5.0)
+    try:
+        completions, golds, expected = _numbered_batch(3000)
+        items = [(ITEM_MATH, text[len("\\boxed{"):-1], gold, 6) for text, gold in zip(completions, golds)]
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: outcome.setdefault("results", backend.run(items)))
+        thread.start()
+        _kill_when_busy(ray_cluster, "worker2", thread)
+        thread.join(300)
+        assert not thread.is_alive()
+        results = outcome["results"]
+    finally:
+        backend.close()
+        ray.shutdown()
+    assert len(results) == len(items)
+    lost = [r for r in results if r.status != "ok"]
+    assert lost and len(lost) < len(items)
+    assert all(r.status == "crash" and r.value is None for r in lost), {r.message for r in lost}
+    assert {r.message for r in lost} <= {"lost with its Ray node (1 attempts)", "the Ray worker died (WorkerCrashedError)"}
+    scored = np.array([r.value if r.status == "ok" else np.nan for r in results])
+    ok = ~np.isnan(scored)
+    np.testing.assert_array_equal(scored[ok], expected[ok])

@@ -306,7 +306,7 @@ class _Call:
             return
         if attempt >= MAX_RETRIES:
             for key in keys:
-                self._finish(key, ItemResult("crash", None, f"lost with its Ray node or worker {attempt + 1} times"))
+                self._finish(key, ItemResult("crash", None, f"lost with its Ray node ({attempt + 1} attempts)"))
             self.backend._count("crashes", len(keys))
             self.backend._count("items", len(keys))
             return
