@@ -149,7 +149,7 @@ def _numbered_batch(n: int) -> tuple[list[str], list[str], np.ndarray]:
 def _kill_when_busy(cluster: RayCluster, node: str, running: threading.Thread) -> None:
     """Kill ``node`` once it runs a reward chunk, while ``running`` is still going."""
     deadline = time.monotonic() + 120
-    while not cluster.running_task(node, "maxent-reward-chunk"):
+    while not cluster.running_task(node):
         assert running.is_alive(), "the batch finished before the node ran a chunk; make it larger"
         assert time.monotonic() < deadline, "the node never ran a reward chunk"
         time.sleep(0.05)
