@@ -216,6 +216,7 @@ def test_node_loss_past_the_retries_marks_the_lost_items_failed(ray_cluster, mon
         thread.join(300)
         assert not thread.is_alive()
         results = outcome["results"]
+        assert backend.stats()["queued_items"] == 0
     finally:
         backend.close()
         ray.shutdown()

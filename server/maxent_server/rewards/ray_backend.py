@@ -117,9 +117,8 @@ class RayBackend:
     """Runs work items of :mod:`._worker` as Ray tasks; see the module docstring."""
 
     def __init__(self, address: str, timeout_seconds: float, plugins: Sequence[tuple[str, str]] = ()) -> None:
-        """Connect to the Ray cluster at ``address`` (``HOST:PORT`` of its GCS,
-        or ``ray://HOST:10001`` through Ray Client); RayUnavailableError when
-        that fails."""
+        """Connect to the Ray cluster at ``address`` (``HOST:PORT`` of its head's
+        GCS; this host must be a node of it); RayUnavailableError when that fails."""
         if not timeout_seconds > 0:
             raise ValueError("timeout_seconds must be > 0")
         self.address = address
@@ -213,16 +212,25 @@ class _Call:
                 if self.cancelled is not None and self.cancelled.is_set():
                     dropped = sum(1 for r in self.results if r is None)
                     raise Cancelled(f"{dropped} of {len(self.items)} work items dropped")
-                self._launch()
-                ready, _ = self.ray.wait(list(self.flights), num_returns=1, timeout=self._wait_s())
+                try:
+                    self._launch()
+                    ready, _ = self.ray.wait(list(self.flights), num_returns=1, timeout=self._wait_s())
+                except Exception as error:  # noqa: BLE001 - the cluster is unreachable: fail, do not hang
+                    self._fail_unfinished(f"the Ray cluster failed: {_worker.short_error(error)}")
+                    break
                 for gen in ready:
                     self._drain(gen)
                 self._check_deadlines()
         finally:
             self._cancel_all()
-            self._queue_delta(-sum(len(keys) for keys, _ in self.pending))
             self.pending.clear()
+            self._queue_delta(-sum(1 for r in self.results if r is None))  # dropped: no longer queued
         return [r if r is not None else ItemResult("error", None, "no result") for r in self.results]
+
+    def _fail_unfinished(self, message: str) -> None:
+        for key, result in enumerate(self.results):
+            if result is None:
+                self._finish(key, ItemResult("error", None, message))
 
     def _queue_delta(self, amount: int) -> None:
         with self.backend._lock:
