@@ -63,6 +63,17 @@ def local_server(tmp_path_factory):
     proc.stop()
 
 
+@pytest.fixture(scope="module")
+def backend(ray_cluster):
+    """The backend in this process (a driver of the cluster), with the test plugins."""
+    import ray
+
+    from maxent_server.rewards.ray_backend import RayBackend
+
+    yield RayBackend(ray_cluster.address, 2.0, [("sleepy", "maxent_test_plugin:sleepy")])
+    ray.shutdown()
+
+
 @pytest.fixture()
 def client(server):
     with MaxEntClient(server.target, timeout=120) as c:
@@ -80,6 +91,25 @@ def _mixed_batch() -> dict:
         rewards=[RewardTerm("math_accuracy", 1.0), RewardTerm("keyword_match", 0.5, {"keyword": "paris"}),
                  RewardTerm("flaky", 1.0), RewardTerm("sleepy", 1.0), RewardTerm("crashy", 0.25)],
     )
+
+
+def _numbered_batch(n: int) -> tuple[list[str], list[str], np.ndarray]:
+    """n distinct math items, every other one right: (completions, golds, expected math_accuracy)."""
+    completions = [f"\\boxed{{{k}}}" if k % 2 == 0 else f"\\boxed{{{k + 1}}}" for k in range(n)]
+    expected = np.array([1.0 if k % 2 == 0 else 0.0 for k in range(n)])
+    return completions, [str(k) for k in range(n)], expected
+
+
+def _kill_when_busy(cluster: RayCluster, node: str, running: threading.Thread) -> None:
+    """Kill ``node`` once it runs a reward chunk, while ``running`` is still going."""
+    deadline = time.monotonic() + 120
+    while not cluster.running_task(node):
+        assert running.is_alive(), "the batch finished before the node ran a chunk; make it larger"
+        assert time.monotonic() < deadline, "the node never ran a reward chunk"
+        time.sleep(0.05)
+    time.sleep(0.5)  # some of its items done, the rest in flight
+    assert running.is_alive(), "the batch finished before the node was killed; make it larger"
+    assert cluster.kill_node(node) > 0
 
 
 def test_ray_results_equal_the_local_pool_bit_for_bit(server, local_server):
@@ -122,6 +152,50 @@ def test_deadline_cancels_the_calls_ray_tasks(client):
     assert time.monotonic() - started < 30, "the expired call's tasks still held the cluster"
 
 
+def test_replicas_share_one_cluster(server, ray_cluster, tmp_path):
+    other = ServerProcess(tmp_path / "data", extra_args=[*SERVER_ARGS, "--reward-backend", "ray",
+                                                         "--ray-address", ray_cluster.address]).start(timeout=120)
+    try:
+        completions, answers, expected = _numbered_batch(400)
+        outcomes: dict = {}
+
+        def score(name: str, target: str) -> None:
+            with MaxEntClient(target, timeout=120) as c:
+                outcomes[name] = c.compute_reward_statistics(
+                    completions=completions, answers=answers, group_sizes=[1] * len(completions),
+                    rewards=[RewardTerm("math_accuracy", 1.0)])
+
+        threads = [threading.Thread(target=score, args=(name, proc.target))
+                   for name, proc in (("first", server), ("second", other))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        other.stop()
+    for name in ("first", "second"):
+        assert not outcomes[name].failed.any()
+        np.testing.assert_array_equal(outcomes[name].per_reward["math_accuracy"].values, expected)
+
+
+def test_cancel_kills_the_running_tasks(backend, ray_cluster):
+    from maxent_server.rewards.pool import Cancelled
+    from maxent_server.rewards._worker import ITEM_PLUGIN
+
+    cancelled = threading.Event()
+    items = [(ITEM_PLUGIN, "sleepy", f"SLEEP {i}", "", ()) for i in range(20)]
+    timer = threading.Timer(3.0, cancelled.set)
+    timer.start()
+    with pytest.raises(Cancelled):
+        backend.run(items, cancelled)
+    # force-cancelled: no worker of either node is still in one of the call's chunks
+    deadline = time.monotonic() + 30
+    while ray_cluster.running_task("head") or ray_cluster.running_task("worker"):
+        assert time.monotonic() < deadline, "a cancelled call's task is still running"
+        time.sleep(0.1)
+    assert backend.stats()["queued_items"] == 0
+
+
 def test_ray_backend_without_address_fails_the_start(tmp_path):
     proc = ServerProcess(tmp_path / "data", extra_args=["--reward-backend", "ray"])
     with pytest.raises(RuntimeError, match="server exited with 2"):
@@ -137,25 +211,6 @@ def test_unreachable_ray_cluster_fails_the_start(tmp_path):
     with pytest.raises(RuntimeError, match="server exited with 2"):
         proc.start(timeout=60)
     assert f"cannot start: cannot reach the Ray cluster at {address}" in proc.log()
-
-
-def _numbered_batch(n: int) -> tuple[list[str], list[str], np.ndarray]:
-    """n distinct math items, every other one right: (completions, golds, expected math_accuracy)."""
-    completions = [f"\\boxed{{{k}}}" if k % 2 == 0 else f"\\boxed{{{k + 1}}}" for k in range(n)]
-    expected = np.array([1.0 if k % 2 == 0 else 0.0 for k in range(n)])
-    return completions, [str(k) for k in range(n)], expected
-
-
-def _kill_when_busy(cluster: RayCluster, node: str, running: threading.Thread) -> None:
-    """Kill ``node`` once it runs a reward chunk, while ``running`` is still going."""
-    deadline = time.monotonic() + 120
-    while not cluster.running_task(node):
-        assert running.is_alive(), "the batch finished before the node ran a chunk; make it larger"
-        assert time.monotonic() < deadline, "the node never ran a reward chunk"
-        time.sleep(0.05)
-    time.sleep(0.5)  # some of its items done, the rest in flight
-    assert running.is_alive(), "the batch finished before the node was killed; make it larger"
-    assert cluster.kill_node(node) > 0
 
 
 def test_node_loss_mid_batch_loses_no_completion(ray_cluster, server):
@@ -195,31 +250,24 @@ def test_node_loss_mid_batch_loses_no_completion(ray_cluster, server):
     np.testing.assert_array_equal(again.total_utils, [1.0, 0.0])
 
 
-def test_node_loss_past_the_retries_marks_the_lost_items_failed(ray_cluster, monkeypatch):
+def test_node_loss_past_the_retries_marks_the_lost_items_failed(backend, ray_cluster, monkeypatch):
     """With no retries left, the items of a lost node come back failed with the
-    reason; the rest are scored. The backend runs in this process here."""
-    import ray
-
+    reason; the rest are scored."""
     from maxent_server.rewards import ray_backend
     from maxent_server.rewards._worker import ITEM_MATH
 
     ray_cluster.add_worker_node("worker2")
     monkeypatch.setattr(ray_backend, "MAX_RETRIES", 0)
-    backend = ray_backend.RayBackend(ray_cluster.address, 5.0)
-    try:
-        completions, golds, expected = _numbered_batch(3000)
-        items = [(ITEM_MATH, text[len("\\boxed{"):-1], gold, 6) for text, gold in zip(completions, golds)]
-        outcome: dict = {}
-        thread = threading.Thread(target=lambda: outcome.setdefault("results", backend.run(items)))
-        thread.start()
-        _kill_when_busy(ray_cluster, "worker2", thread)
-        thread.join(300)
-        assert not thread.is_alive()
-        results = outcome["results"]
-        assert backend.stats()["queued_items"] == 0
-    finally:
-        backend.close()
-        ray.shutdown()
+    completions, golds, expected = _numbered_batch(3000)
+    items = [(ITEM_MATH, text[len("\\boxed{"):-1], gold, 6) for text, gold in zip(completions, golds)]
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("results", backend.run(items)))
+    thread.start()
+    _kill_when_busy(ray_cluster, "worker2", thread)
+    thread.join(300)
+    assert not thread.is_alive()
+    results = outcome["results"]
+    assert backend.stats()["queued_items"] == 0
     assert len(results) == len(items)
     lost = [r for r in results if r.status != "ok"]
     assert lost and len(lost) < len(items)
