@@ -61,6 +61,8 @@ POLL_S = 0.05
 CPUS_TTL_S = 5.0
 #: A connection to the cluster that takes longer than this fails the start.
 CONNECT_TIMEOUT_S = 60.0
+#: The name of the chunk tasks (what Ray shows, and a worker's process title while it runs one).
+TASK_NAME = "maxent-reward-chunk"
 _STAT_NAMES = ("gold_parses", "answer_parses", "verifications", "plugin_calls")
 
 
@@ -131,9 +133,8 @@ class RayBackend:
         self._stats = dict.fromkeys((*_STAT_NAMES, "items", "timeouts", "crashes", "retries", "tasks"), 0)
         self._ray = _connect(address)
         self._cpus, self._cpus_at = 1, -CPUS_TTL_S
-        self._task = self._ray.remote(evaluate_chunk).options(
-            max_retries=0, num_cpus=1, name="maxent-reward-chunk"
-        )
+        self._task = self._ray.remote(evaluate_chunk).options(max_retries=0, num_cpus=1, name=TASK_NAME)
+        log.info("reward backend: Ray cluster at %s (%d CPUs)", address, self.cluster_cpus())
 
     # -- public ----------------------------------------------------------------
 
