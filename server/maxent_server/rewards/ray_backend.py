@@ -59,8 +59,9 @@ MAX_RETRIES = 3
 POLL_S = 0.05
 #: Seconds the cluster's CPU count is reused before it is asked again.
 CPUS_TTL_S = 5.0
-#: A connection to the cluster that takes longer than this fails the start.
-CONNECT_TIMEOUT_S = 60.0
+#: A connection to the cluster that takes longer than this fails the start
+#: (Ray gives up with its own error after 60 s, e.g. when this host is no node).
+CONNECT_TIMEOUT_S = 90.0
 #: The name of the chunk tasks (what Ray shows, and a worker's process title while it runs one).
 TASK_NAME = "maxent-reward-chunk"
 _STAT_NAMES = ("gold_parses", "answer_parses", "verifications", "plugin_calls")
@@ -398,10 +399,13 @@ def _connect(address: str) -> Any:
     thread = threading.Thread(target=join, name="maxent-ray-connect", daemon=True)
     thread.start()
     thread.join(CONNECT_TIMEOUT_S)
+    hint = f"this host must be a node of that cluster (ray start --address={address} --num-cpus=0)"
     if not outcome:
-        raise RayUnavailableError(f"Ray cluster at {address} did not answer within {CONNECT_TIMEOUT_S:g} s")
+        raise RayUnavailableError(f"Ray cluster at {address} did not answer within {CONNECT_TIMEOUT_S:g} s; {hint}")
     if outcome[0] is not None:
-        raise RayUnavailableError(f"cannot join the Ray cluster at {address}: {_worker.short_error(outcome[0])}")
+        raise RayUnavailableError(
+            f"cannot join the Ray cluster at {address}: {_worker.short_error(outcome[0])}; {hint}"
+        )
     return ray
 
 
