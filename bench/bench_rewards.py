@@ -10,7 +10,15 @@ repeats inside each group) two ways, one run each, same inputs:
 Prints completions/second of both and the ratio, and exits non-zero unless
 the rewards are identical for every completion.
 
+With ``--backend ray`` (or ``both``) the server evaluates rewards on a Ray
+cluster (``--reward-backend ray``): the one at ``--ray-address``, else a
+two-node cluster of one CPU per node started here for the run. ``both``
+prints the local pool and Ray side by side, and Ray's overhead per chunk:
+the median round trip of a one-item chunk (a trivial item) through each
+backend, measured in this process.
+
     python bench/bench_rewards.py [--prompts 256] [--generations 16] [--workers 2]
+                                  [--backend local|ray|both] [--ray-address HOST:PORT]
 
 The server's start-up and a warm-up call are outside the timings.
 """
@@ -158,14 +166,18 @@ def in_process_baseline(completions: list[str], golds: list[str]) -> np.ndarray:
     return out
 
 
-def start_service(workers: int, timeout_seconds: float):
-    """A real maxent-server process, warmed up by one small scoring call."""
+def start_service(workers: int, timeout_seconds: float, ray_address: str = ""):
+    """A real maxent-server process (on the Ray cluster at ``ray_address`` if
+    given), warmed up by one scoring call spread over every worker."""
     tmp = tempfile.TemporaryDirectory()
-    server = ServerProcess(Path(tmp.name) / "data", extra_args=[
-        "--reward-workers", str(workers), "--reward-timeout-seconds", str(timeout_seconds), "--no-plugins"]).start()
+    extra = ["--reward-workers", str(workers), "--reward-timeout-seconds", str(timeout_seconds), "--no-plugins"]
+    if ray_address:
+        extra += ["--reward-backend", "ray", "--ray-address", ray_address]
+    server = ServerProcess(Path(tmp.name) / "data", extra_args=extra).start(timeout=180)
     client = MaxEntClient(server.target, timeout=600)
-    client.compute_reward_statistics(completions=[["\\boxed{1}", "\\boxed{2}"]] * workers, answers=["1"] * workers,
-                                     rewards=[RewardTerm("math_accuracy")])
+    groups = 16 * workers
+    client.compute_reward_statistics(completions=[[f"\\boxed{{{k}}}", "\\boxed{2}"] for k in range(groups)],
+                                     answers=["1"] * groups, rewards=[RewardTerm("math_accuracy")])
     return tmp, server, client
 
 
@@ -198,6 +210,44 @@ def stop_service(service) -> None:
 # ---------------------------------------------------------------------------
 
 
+def chunk_round_trip_ms(backend, repeats: int = 50) -> float:
+    """Median milliseconds of ``backend.run`` on one trivial item (a one-item chunk)."""
+    from maxent_server.rewards._worker import ITEM_EXTRACT
+
+    times = []
+    for k in range(repeats + 5):
+        started = time.perf_counter()
+        backend.run([(ITEM_EXTRACT, f"\\boxed{{{k}}}")])
+        if k >= 5:  # the first calls start workers
+            times.append(time.perf_counter() - started)
+    return 1000 * float(np.median(times))
+
+
+def chunk_overhead(ray_address: str, timeout_seconds: float) -> tuple[float, float]:
+    """(local pool, Ray) round trip of a one-item chunk, ms."""
+    from maxent_server.rewards.pool import WorkerPool
+    from maxent_server.rewards.ray_backend import RayBackend
+
+    pool = WorkerPool(1, timeout_seconds)
+    try:
+        local_ms = chunk_round_trip_ms(pool)
+    finally:
+        pool.close()
+    return local_ms, chunk_round_trip_ms(RayBackend(ray_address, timeout_seconds))
+
+
+def run_backend(name: str, args, completions: list[str], golds: list[str], ray_address: str) -> tuple[float, np.ndarray]:
+    started = time.perf_counter()
+    service = start_service(args.workers, args.timeout_seconds, ray_address if name == "ray" else "")
+    print(f"{name}: server start-up and warm-up {time.perf_counter() - started:.2f} s (not in the timings)")
+    try:
+        started = time.perf_counter()
+        values = score_with_service(service, completions, golds)
+        return time.perf_counter() - started, values
+    finally:
+        stop_service(service)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=256)
@@ -205,6 +255,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timeout-seconds", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", choices=("local", "ray", "both"), default="local",
+                    help="reward backend(s) of the server (default local)")
+    ap.add_argument("--ray-address", default="",
+                    help="Ray cluster (HOST:PORT) for --backend ray/both; default: start a two-node one here")
     args = ap.parse_args()
 
     completions, golds = make_batch(args.prompts, args.generations, args.seed)
@@ -215,29 +269,54 @@ def main() -> int:
           f"{sum(len(c) for c in completions) / n:.0f} chars each on average, "
           f"{distinct} distinct (final answer, gold) pairs, {len(set(golds))} distinct golds")
 
-    started = time.perf_counter()
-    server = start_service(args.workers, args.timeout_seconds)
-    print(f"server start-up and warm-up: {time.perf_counter() - started:.2f} s (not in the timings)")
-    try:
+    backends = ["local", "ray"] if args.backend == "both" else [args.backend]
+    cluster = None
+    ray_address = args.ray_address
+    if "ray" in backends and not ray_address:
+        from ray_cluster import RayCluster
+
+        cluster_dir = tempfile.TemporaryDirectory()
         started = time.perf_counter()
-        service = score_with_service(server, completions, golds)
-        service_s = time.perf_counter() - started
+        cluster = RayCluster(Path(cluster_dir.name)).start()
+        ray_address = cluster.address
+        print(f"started a two-node Ray cluster (1 CPU per node) at {ray_address} in "
+              f"{time.perf_counter() - started:.1f} s")
+    timings: dict[str, tuple[float, np.ndarray]] = {}
+    overhead: tuple[float, float] | None = None
+    try:
+        for name in backends:
+            timings[name] = run_backend(name, args, completions, golds, ray_address)
+        if "ray" in backends:
+            overhead = chunk_overhead(ray_address, args.timeout_seconds)
     finally:
-        stop_service(server)
+        if cluster is not None:
+            cluster.stop()
+            cluster_dir.cleanup()
 
     parse("\\boxed{1}")  # math-verify's first-use set-up, as the workers had
     started = time.perf_counter()
     baseline = in_process_baseline(completions, golds)
     baseline_s = time.perf_counter() - started
 
-    print(f"server ({args.workers} reward workers): {service_s:7.3f} s  {n / service_s:8.0f} completions/s")
-    print(f"in-process parse+verify loop: {baseline_s:7.3f} s  {n / baseline_s:8.0f} completions/s")
-    print(f"speed-up: {baseline_s / service_s:.2f}x   (mean reward {service.mean():.4f})")
-    mismatches = np.flatnonzero(service != baseline)
-    if mismatches.size:
-        print(f"MISMATCH: {mismatches.size} completions differ, e.g. {mismatches[:10].tolist()}")
+    labels = {"local": f"server, local pool ({args.workers} workers)",
+              "ray": "server, Ray backend (2 nodes x 1 CPU)" if cluster else "server, Ray backend"}
+    for name, (seconds, values) in timings.items():
+        print(f"{labels[name]:<40} {seconds:7.3f} s  {n / seconds:8.0f} completions/s  "
+              f"speed-up {baseline_s / seconds:.2f}x")
+    print(f"{'in-process parse+verify loop':<40} {baseline_s:7.3f} s  {n / baseline_s:8.0f} completions/s")
+    if overhead is not None:
+        print(f"one-item chunk round trip: local pool {overhead[0]:.2f} ms, Ray {overhead[1]:.2f} ms "
+              f"(Ray overhead per chunk ~{overhead[1] - overhead[0]:.2f} ms)")
+    failed = False
+    for name, (_, values) in timings.items():
+        mismatches = np.flatnonzero(values != baseline)
+        if mismatches.size:
+            print(f"MISMATCH ({name}): {mismatches.size} completions differ, e.g. {mismatches[:10].tolist()}")
+            failed = True
+    if failed:
         return 1
-    print(f"rewards identical for all {n} completions")
+    print(f"rewards identical for all {n} completions ({', '.join(timings)} and the in-process loop; "
+          f"mean reward {baseline.mean():.4f})")
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install the service into it.
 #   scripts/setup.sh          server and client
-#   scripts/setup.sh --test   also the test tools and the test reward plugin
+#   scripts/setup.sh --test   also the test tools, Ray (its reward backend is tested) and the test reward plugin
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extras="server"
 if [ "${1:-}" = "--test" ]; then
-    extras="server,test,integrations"
+    extras="server,test,integrations,ray"
 fi
 # Install only when pyproject.toml (or the extras asked for) changed since the
 # last install into this .venv: a second start takes seconds and prints nothing.

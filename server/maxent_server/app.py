@@ -65,6 +65,8 @@ class ServerSettings:
     # code_unit_tests runs untrusted code: off unless enabled; sandbox auto = bwrap, else refuse to start.
     enable_code_execution: bool = False
     code_execution_sandbox: str = "auto"  # auto, bwrap or rlimits (weaker, explicit opt-in)
+    reward_backend: str = "local"  # "local" (worker processes here) or "ray"
+    ray_address: str = ""  # with reward_backend "ray": HOST:PORT of the cluster's head (GCS)
 
 
 class ConfigError(ValueError):
@@ -115,6 +117,7 @@ class MaxEntServer:
             raise ConfigError(str(error)) from None
         if s.metrics_auth and self.authorizer is None:
             raise ConfigError("--metrics-auth needs --auth-tokens")
+        _check_reward_backend(s)
         self.code_execution = await asyncio.get_running_loop().run_in_executor(None, _code_execution_mode, s)
         authenticated = self.authorizer is not None
         host, narrowed = restrict_to_loopback(s.host, authenticated, s.insecure_allow_remote)
@@ -166,7 +169,11 @@ class MaxEntServer:
         # with one line and nothing left to shut down.
         self._bind(host)
         self.engine = Engine(s.device, threads=s.torch_threads)
-        self.rewards = _reward_runner(s, self.code_execution)
+        try:
+            self.rewards = _reward_runner(s, self.code_execution)
+        except ConfigError:
+            self.store.close()
+            raise
         if self.metrics is not None and self.rewards is not None:
             self.metrics.declare_rewards(f.name for f in self.rewards.list_functions())
             rewards = self.rewards
@@ -316,8 +323,26 @@ def _code_execution_mode(s: ServerSettings) -> str | None:
         raise ConfigError(f"--enable-code-execution: {error}") from None
 
 
+def _check_reward_backend(s: ServerSettings) -> None:
+    if s.reward_backend not in ("local", "ray"):
+        raise ConfigError(f"--reward-backend must be local or ray, not {s.reward_backend!r}")
+    if s.reward_backend == "ray" and not s.ray_address:
+        raise ConfigError("--reward-backend ray needs --ray-address (the Ray cluster's HOST:PORT)")
+
+
 def _reward_runner(s: ServerSettings, code_execution: str | None = None):
     from .rewards import RewardRegistry, RewardRunner
 
     registry = RewardRegistry.default(load_plugins=s.load_plugins, code_execution=code_execution)
-    return RewardRunner(workers=s.reward_workers, timeout_seconds=s.reward_timeout_seconds, registry=registry)
+    backend = None
+    if s.reward_backend == "ray":
+        from .rewards.ray_backend import RayBackend, RayUnavailableError
+
+        def backend(timeout: float, plugins: list[tuple[str, str]]) -> RayBackend:
+            try:
+                return RayBackend(s.ray_address, timeout, plugins)
+            except RayUnavailableError as error:
+                raise ConfigError(str(error)) from None
+
+    return RewardRunner(workers=s.reward_workers, timeout_seconds=s.reward_timeout_seconds, registry=registry,
+                        backend=backend)

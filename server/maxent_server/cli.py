@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-seconds", type=float, default=float(_env("grace-seconds", 10)), help="time to finish calls in flight on SIGTERM (default 10)")
     p.add_argument("--reward-workers", type=int, default=_int_or_none(_env("reward-workers", None)), help="reward worker processes (default: CPU count)")
     p.add_argument("--reward-timeout-seconds", type=float, default=float(_env("reward-timeout-seconds", 5)), help="time limit per completion and reward (default 5)")
+    p.add_argument("--reward-backend", choices=("local", "ray"), default=_env("reward-backend", "local"),
+                   help="where rewards run: local worker processes, or tasks on the Ray cluster of --ray-address "
+                        "(default local)")
+    p.add_argument("--ray-address", default=_env("ray-address", ""),
+                   help="Ray cluster for --reward-backend ray: HOST:PORT of its head (GCS); this host must be a node of that "
+                        "cluster (see docs/operations.md)")
     p.add_argument("--no-plugins", action="store_true", default=_env("no-plugins", "") not in ("", "0", "false"), help="do not load maxent.rewards entry points")
     p.add_argument("--torch-threads", type=int, default=int(_env("torch-threads", 1)), help="torch intra-op threads on the CPU; 0 keeps torch's default (default 1)")
     p.add_argument("--log-level", default=_env("log-level", "INFO"), help="DEBUG, INFO, WARNING, ERROR (default INFO)")
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         access_log=not args.no_access_log,
         enable_code_execution=args.enable_code_execution,
         code_execution_sandbox=args.code_execution_sandbox,
+        reward_backend=args.reward_backend,
+        ray_address=args.ray_address,
     )
     try:
         asyncio.run(MaxEntServer(settings).serve_until_signal())

@@ -18,7 +18,8 @@ for the callable's contract and its optional ``maxent_description``,
 
 Execution: :mod:`.runner` (what runs where, deduplication, failures) and
 :mod:`.pool` (worker processes, per-completion time limit, replacement of
-hung or dead workers).
+hung or dead workers), or :mod:`.ray_backend` (the same work as tasks on a
+Ray cluster; imported only when chosen).
 """
 
 from .params import ParamSpec

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,6 +39,16 @@ from .registry import KIND_PLUGIN, RewardRegistry, RewardSpec
 MAX_ERRORS = 50
 
 _FEATURE_TERMS = frozenset({builtin.MATH_ACCURACY, builtin.BOXED_ACCURACY, builtin.MISSING_BOXED_PENALTY})
+
+
+class RewardBackend(Protocol):
+    """What runs work items of :mod:`._worker`: the local pool or a cluster."""
+
+    def run(self, items: Sequence[tuple[Any, ...]], cancelled: threading.Event | None = None) -> list[ItemResult]: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -107,11 +117,14 @@ class RewardRunner:
         load_plugins: bool = True,
         registry: RewardRegistry | None = None,
         prestart: bool = True,
+        backend: Callable[[float, list[tuple[str, str]]], RewardBackend] | None = None,
     ) -> None:
         """``workers``: worker processes (default: the CPU count). ``timeout_seconds``:
         time limit per completion and reward. ``load_plugins``: load the
         ``maxent.rewards`` entry points. ``prestart``: start the workers now (in the
-        background) rather than on the first evaluation that needs them."""
+        background) rather than on the first evaluation that needs them. ``backend``:
+        makes what runs the work items from (timeout_seconds, plugins), e.g. a
+        :class:`.ray_backend.RayBackend`; default: a local :class:`.pool.WorkerPool`."""
         if workers is None:
             workers = os.cpu_count() or 1
         if workers < 1:
@@ -121,7 +134,10 @@ class RewardRunner:
         self.timeout_seconds = float(timeout_seconds)
         self.registry = registry if registry is not None else RewardRegistry.default(load_plugins=load_plugins)
         plugins = [(spec.name, spec.entry_point) for spec in self.registry.plugins()]
-        self._pool = WorkerPool(workers, self.timeout_seconds, plugins, prestart=prestart)
+        if backend is not None:
+            self._pool: RewardBackend = backend(self.timeout_seconds, plugins)
+        else:
+            self._pool = WorkerPool(workers, self.timeout_seconds, plugins, prestart=prestart)
         self._closed = False
         self._close_lock = threading.Lock()
 
