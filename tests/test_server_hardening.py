@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +96,38 @@ def test_an_open_watch_stream_is_not_idle(short_idle):
         after = next(stream)
         stream.cancel()
     assert after.state.version == first.state.version + 1
+
+
+def test_watch_resumes_across_connection_aging(tmp_path):
+    """With a short connection age the server sends GOAWAY and, after the
+    grace, cuts the WatchRun stream; the client reconnects and resumes, and
+    every version arrives once and in order."""
+    from maxent_client import MaxEntClient, WeightingConfig
+
+    server = ServerProcess(tmp_path / "data", extra_args=["--connection-max-age-seconds", "1",
+                                                          "--connection-age-grace-seconds", "1",
+                                                          "--reward-workers", "1"]).start()
+    try:
+        with MaxEntClient(server.target, timeout=30) as watcher, MaxEntClient(server.target, timeout=30) as writer:
+            writer.create_run("aged/watch", WeightingConfig(tau=0.5, beta=0.1))
+            versions = []
+
+            def update_slowly():
+                for step in range(1, 7):
+                    time.sleep(0.8)
+                    writer.update_controller("aged/watch", global_step=step, measured_kl=0.01,
+                                             request_id=f"aged:{step}")
+
+            updater = threading.Thread(target=update_slowly)
+            updater.start()
+            for state in watcher.watch_run("aged/watch", timeout=60, reconnect_seconds=30):
+                versions.append(state.version)
+                if state.version == 6:
+                    break
+            updater.join()
+    finally:
+        server.stop()
+    assert versions == list(range(7))
 
 
 # -- item 8: slow /metrics clients ----------------------------------------------------------
