@@ -242,13 +242,16 @@ class MaxEntServer:
         if self.authorizer is not None and self.tls is None and s.allow_plaintext_tokens and not is_loopback(host):
             log.warning("--allow-plaintext-tokens: bearer tokens reach %s without TLS; anyone on the path can read "
                         "and reuse them", host)
-        if self.authorizer is not None and plaintext_tokens_readable_by_all(self.authorizer.path):
-            log.warning("token file %s holds plaintext tokens and is readable by every user: chmod 600 it, or "
-                        "keep only sha256 digests in it", self.authorizer.path)
+        self._warn_if_token_file_readable()
         if self.tls is not None:
             problem = certificate_expiry_problem(self.tls.cert)
             if problem:
                 log.warning("--tls-cert %s: %s; clients will refuse the connection", self.tls.cert, problem)
+
+    def _warn_if_token_file_readable(self) -> None:
+        if self.authorizer is not None and plaintext_tokens_readable_by_all(self.authorizer.path):
+            log.warning("token file %s holds plaintext tokens and is readable by every user: chmod 600 it, or "
+                        "keep only sha256 digests in it", self.authorizer.path)
 
     def reload_tokens(self) -> None:
         """SIGHUP: read the token file again; keep the old tokens when it is invalid."""
@@ -261,6 +264,7 @@ class MaxEntServer:
             log.error("SIGHUP: kept the previous tokens: %s", error)
             return
         log.info("SIGHUP: reloaded %d tokens from %s", count, self.authorizer.path)
+        self._warn_if_token_file_readable()
 
     async def stop(self) -> None:
         """Stop taking calls, finish those in flight within the grace period,
