@@ -60,17 +60,21 @@ class ServerSettings:
     # -- server
     host: str = _setting("127.0.0.1", group="server", help="address to bind; without --auth-tokens only loopback")
     port: int = _setting(50051, group="server", minimum=0, help="gRPC port; 0 picks a free one (the log says which)")
-    data_dir: str = _setting(default_factory=default_data_dir, group="server", shown_default="~/.local/share/maxent-grpo",
+    data_dir: str = _setting(default_factory=default_data_dir, group="server",
+                             shown_default="~/.local/share/maxent-grpo",
                              help="folder of the SQLite state (per-user data folder, $XDG_DATA_HOME respected)")
     state_store: str = _setting("", group="server", shown_default="empty",
                                 help="empty: SQLite in --data-dir; redis://[:PASSWORD@]HOST:PORT/DB?prefix=... or "
                                      "rediss://...: shared Redis for several replicas (docs/redis.md)")
-    device: str = _setting("auto", group="server", help="torch device: auto (CUDA when present, else CPU), cpu, cuda:1 ...")
+    device: str = _setting("auto", group="server",
+                           help="torch device: auto (CUDA when present, else CPU), cpu, cuda:1 ...")
     max_message_mb: int = _setting(64, group="server", minimum=1,
                                    help="largest request or response in MiB; larger is RESOURCE_EXHAUSTED")
     grace_seconds: float = _setting(10.0, group="server", minimum=0,
-                                    help="on SIGTERM/SIGINT: stop accepting, finish calls in flight for this long, exit 0")
-    torch_threads: int = _setting(1, group="server", minimum=0, help="torch intra-op threads on the CPU; 0 keeps torch's default")
+                                    help="on SIGTERM/SIGINT: stop accepting, finish calls in flight for this long, "
+                                         "exit 0")
+    torch_threads: int = _setting(1, group="server", minimum=0,
+                                  help="torch intra-op threads on the CPU; 0 keeps torch's default")
     # -- rewards
     reward_workers: int | None = _setting(None, group="rewards", minimum=1, shown_default="CPU count",
                                           help="reward worker processes")
@@ -106,7 +110,8 @@ class ServerSettings:
                                            help="with --auth-tokens, still serve /metrics without a token (it names "
                                                 "runs and their tau and beta)")
     metrics_max_connections: int = _setting(64, group="metrics", minimum=1,
-                                            help="open metrics connections at most; beyond it the one waiting longest for a request is closed")
+                                            help="open metrics connections at most; beyond it the one waiting "
+                                                 "longest for a request is closed")
     metrics_read_timeout_seconds: float = _setting(10.0, group="metrics", minimum=0.1,
                                                    help="a metrics connection that sends no complete request for "
                                                         "this long is closed")
