@@ -80,6 +80,28 @@ def test_idle_connection_is_closed_after_the_idle_limit(short_idle):
     assert goaway and closed
 
 
+def _server_settings_frame(port: int) -> dict[int, int]:
+    """The HTTP/2 SETTINGS the server announces: {identifier: value}."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(HTTP2_PREFACE + EMPTY_SETTINGS)
+        pending = b""
+        while True:
+            chunk = sock.recv(65536)
+            assert chunk, "closed before SETTINGS"
+            pending += chunk
+            while len(pending) >= 9 and len(pending) >= 9 + int.from_bytes(pending[:3], "big"):
+                length, kind, flags = int.from_bytes(pending[:3], "big"), pending[3], pending[4]
+                payload, pending = pending[9:9 + length], pending[9 + length:]
+                if kind == SETTINGS and not flags & 1:
+                    return {int.from_bytes(payload[i:i + 2], "big"): int.from_bytes(payload[i + 2:i + 6], "big")
+                            for i in range(0, len(payload), 6)}
+
+
+def test_streams_per_connection_are_limited(short_idle):
+    max_concurrent_streams = 0x3
+    assert _server_settings_frame(short_idle.port).get(max_concurrent_streams) == 100
+
+
 def test_an_open_watch_stream_is_not_idle(short_idle):
     """A WatchRun stream that carries nothing for longer than the idle limit
     keeps its connection and still delivers the next update."""

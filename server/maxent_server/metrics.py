@@ -489,10 +489,6 @@ class MetricsServer:
             self._loop.close()
         self._socket.close()
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._connections)
-
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(
             self._serve, sock=self._socket, ssl=self.ssl_context, limit=HEADER_LIMIT,
