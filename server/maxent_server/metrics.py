@@ -527,19 +527,21 @@ class MetricsServer:
         self._waiting[task] = None
         request = await asyncio.wait_for(_read_request(reader), self.read_timeout)
         self._waiting.pop(task, None)
+        keep_alive = False
+        headers: Sequence[tuple[str, str]] = ()
         if isinstance(request, int):
-            status, body, content_type, headers = request, _REASONS[request].lower().encode() + b"\n", _TEXT, []
+            status, body, content_type = request, _REASONS[request].lower().encode() + b"\n", _TEXT
         else:
             status, body, content_type, headers = self._response(request)
-        keep_alive = not isinstance(request, int) and request.keep_alive
-        if not isinstance(request, int) and request.method == "HEAD":
-            body = b""
+            keep_alive = request.keep_alive
+            if request.method == "HEAD":
+                body = b""
         await asyncio.wait_for(self._write(writer, status, body, content_type, headers, close=not keep_alive),
                                self.read_timeout)
         log.debug("metrics %s - %d", writer.get_extra_info("peername", ("?",))[0], status)
         return keep_alive
 
-    def _response(self, request: _Request) -> tuple[int, bytes, str, list[tuple[str, str]]]:
+    def _response(self, request: _Request) -> tuple[int, bytes, str, Sequence[tuple[str, str]]]:
         if request.path not in ("/metrics", "/metrics/"):
             return 404, b"not found; metrics are at /metrics\n", _TEXT, []
         if request.method != "GET":
@@ -553,7 +555,7 @@ class MetricsServer:
             if not principal.all_runs:
                 run_filter = principal.may_access
         body, content_type = self.metrics.render(request.headers.get("accept", ""), run_filter)
-        headers = []
+        headers: list[tuple[str, str]] = []
         if gzip_accepted(request.headers.get("accept-encoding", "")):
             body = gzip.compress(body, compresslevel=5)
             headers.append(("Content-Encoding", "gzip"))
@@ -561,7 +563,7 @@ class MetricsServer:
 
     @staticmethod
     async def _write(writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str,
-                     headers: list[tuple[str, str]] = (), *, close: bool = False) -> None:
+                     headers: Sequence[tuple[str, str]] = (), *, close: bool = False) -> None:
         lines = [f"HTTP/1.1 {status} {_REASONS[status]}", f"Content-Type: {content_type}",
                  f"Content-Length: {len(body)}", *(f"{key}: {value}" for key, value in headers)]
         if close:
