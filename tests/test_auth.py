@@ -311,7 +311,8 @@ def test_without_tokens_only_loopback(tmp_path):
 
 def test_remote_binding_needs_tokens_or_the_insecure_flag(tmp_path):
     tokens = write_tokens(tmp_path / "tokens.json", token_entries())
-    server = _start(tmp_path, "with-tokens", "--host", "0.0.0.0", "--auth-tokens", str(tokens))
+    server = _start(tmp_path, "with-tokens", "--host", "0.0.0.0", "--auth-tokens", str(tokens),
+                    "--allow-plaintext-tokens")
     try:
         assert _all_interfaces(listening_addresses(server.port))
         assert "bound to loopback" not in server.log()

@@ -121,8 +121,9 @@ def test_healthcheck_command(pki, tls_server, mtls_server, tmp_path):
 
 def test_metrics_endpoint_uses_the_same_tls(pki, tls_server, mtls_server):
     trusting = ssl.create_default_context(cafile=str(pki.ca))
-    status, body = scrape(tls_server.metrics_url, context=trusting)
+    status, body = scrape(tls_server.metrics_url, context=trusting, token=TOKEN)  # tokens on: /metrics needs one
     assert status == 200 and "maxent_rpc_requests_total" in body
+    assert scrape(tls_server.metrics_url, context=trusting)[0] == 401
     with pytest.raises(OSError):
         scrape(tls_server.metrics_url.replace("https://", "http://"), timeout=10)
     with pytest.raises(OSError):  # no client certificate

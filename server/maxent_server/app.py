@@ -9,7 +9,6 @@ import ipaddress
 import logging
 import signal
 import socket
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,13 +16,14 @@ from grpc_reflection.v1alpha import reflection
 
 from maxent_api import SERVICE_NAME
 
-from .auth import Authorizer, TokenFileError
+from .auth import Authorizer, TokenFileError, plaintext_tokens_readable_by_all
 from .engine import Engine
 from .interceptor import CallInterceptor
 from .metrics import Metrics, MetricsServer
 from .service import MaxEntServicer, add_to_server
+from .settings import ConfigError, ServerSettings
 from .store import StoreError, open_store
-from .tls import TlsConfigError, grpc_server_credentials, http_ssl_context, tls_files
+from .tls import TlsConfigError, certificate_expiry_problem, grpc_server_credentials, http_ssl_context, tls_files
 
 log = logging.getLogger("maxent_server")
 # Clients ping every 30 s while a call is open (maxent_client._channel): allow
@@ -36,41 +36,29 @@ KEEPALIVE_OPTIONS = (
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.max_pings_without_data", 0),
 )
+# A connection that has not finished its TLS and HTTP/2 handshakes by then is
+# closed (gRPC's default, 120 s, lets idle sockets pile up).
+HANDSHAKE_TIMEOUT_MS = 20_000
+
+def transport_options(s: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC server options: message size, keepalive, streams per connection
+    and connection idle/age limits. An aged connection gets GOAWAY and its
+    calls the grace period; clients reconnect (a WatchRun resumes from its
+    last version)."""
+    limit = s.max_message_mb * 1024 * 1024
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+               *KEEPALIVE_OPTIONS, ("grpc.max_concurrent_streams", s.max_streams_per_connection),
+               ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS)]
+    if s.connection_idle_seconds:
+        options.append(("grpc.max_connection_idle_ms", _ms(s.connection_idle_seconds)))
+    if s.connection_max_age_seconds:
+        options.append(("grpc.max_connection_age_ms", _ms(s.connection_max_age_seconds)))
+        options.append(("grpc.max_connection_age_grace_ms", _ms(s.connection_age_grace_seconds)))
+    return options
 
 
-@dataclass
-class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    data_dir: str = ""
-    state_store: str = ""
-    device: str = "auto"
-    max_message_mb: int = 64
-    grace_seconds: float = 10.0
-    reward_workers: int | None = None
-    reward_timeout_seconds: float = 5.0
-    load_plugins: bool = True
-    torch_threads: int = 1
-    # Metrics endpoint: 0 = off (the maxent-server command defaults to 9464).
-    metrics_port: int = 0
-    metrics_host: str = ""  # "" = the gRPC host
-    metrics_max_runs: int = 1000
-    metrics_auth: bool = False  # /metrics needs a bearer token from auth_tokens
-    auth_tokens: str = ""  # token file; "" = no authentication (loopback only)
-    insecure_allow_remote: bool = False  # without auth_tokens, still bind a non-loopback host
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
-    access_log: bool = True
-    # code_unit_tests runs untrusted code: off unless enabled; sandbox auto = bwrap, else refuse to start.
-    enable_code_execution: bool = False
-    code_execution_sandbox: str = "auto"  # auto, bwrap or rlimits (weaker, explicit opt-in)
-    reward_backend: str = "local"  # "local" (worker processes here) or "ray"
-    ray_address: str = ""  # with reward_backend "ray": HOST:PORT of the cluster's head (GCS)
-
-
-class ConfigError(ValueError):
-    """Settings that cannot work together; the message says which."""
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 class PortError(ConfigError):
@@ -117,6 +105,8 @@ class MaxEntServer:
             raise ConfigError(str(error)) from None
         if s.metrics_auth and self.authorizer is None:
             raise ConfigError("--metrics-auth needs --auth-tokens")
+        if s.metrics_auth and s.metrics_without_token:
+            raise ConfigError("--metrics-auth and --metrics-without-token contradict each other")
         _check_reward_backend(s)
         self.code_execution = await asyncio.get_running_loop().run_in_executor(None, _code_execution_mode, s)
         authenticated = self.authorizer is not None
@@ -124,6 +114,8 @@ class MaxEntServer:
         metrics_host, metrics_narrowed = restrict_to_loopback(
             s.metrics_host or s.host, authenticated, s.insecure_allow_remote
         )
+        self.metrics_token_required = authenticated and not s.metrics_without_token
+        self._refuse_plaintext_tokens(host, metrics_host if s.metrics_port and self.metrics_token_required else None)
         self.metrics: Metrics | None = None
         self.metrics_server: MetricsServer | None = None
         if s.metrics_port:
@@ -133,8 +125,10 @@ class MaxEntServer:
                     self.metrics,
                     metrics_host,
                     s.metrics_port,
-                    authorizer=self.authorizer if s.metrics_auth else None,
+                    authorizer=self.authorizer if self.metrics_token_required else None,
                     ssl_context=http_ssl_context(self.tls) if self.tls else None,
+                    max_connections=s.metrics_max_connections,
+                    read_timeout=s.metrics_read_timeout_seconds,
                 ).start()
             except OSError as error:
                 raise ConfigError(f"cannot serve metrics on {_address(metrics_host, s.metrics_port)}: {error}") from None
@@ -145,6 +139,19 @@ class MaxEntServer:
                 self.metrics_server.stop()
             raise
         self._log_start(host, narrowed, metrics_narrowed and bool(s.metrics_port))
+
+    def _refuse_plaintext_tokens(self, host: str, metrics_host: str | None) -> None:
+        """Bearer tokens over plaintext to a non-loopback address cross the
+        network readable: refuse unless TLS is on or it is explicitly allowed."""
+        s = self.settings
+        if self.authorizer is None or self.tls is not None or s.allow_plaintext_tokens:
+            return
+        for what, address in (("--host", host), ("--metrics-host", metrics_host)):
+            if address is not None and not is_loopback(address):
+                raise ConfigError(
+                    f"--auth-tokens with {what} {address} and no TLS would take bearer tokens in cleartext: give "
+                    "--tls-cert and --tls-key, or --allow-plaintext-tokens (e.g. behind a TLS-terminating proxy)"
+                )
 
     async def _start_grpc(self, host: str) -> None:
         s = self.settings
@@ -158,13 +165,8 @@ class MaxEntServer:
             await asyncio.get_running_loop().run_in_executor(None, self.store.ping)
         except StoreError as error:
             raise ConfigError(f"state store not reachable: {error}") from None
-        limit = s.max_message_mb * 1024 * 1024
         interceptor = CallInterceptor(metrics=self.metrics, authorizer=self.authorizer, access_log=s.access_log)
-        self.server = grpc.aio.server(
-            interceptors=[interceptor],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                     *KEEPALIVE_OPTIONS],
-        )
+        self.server = grpc.aio.server(interceptors=[interceptor], options=transport_options(s))
         # Bind before the reward workers start: a busy port fails the start
         # with one line and nothing left to shut down.
         self._bind(host)
@@ -236,9 +238,11 @@ class MaxEntServer:
             scheme = "https" if self.metrics_server.tls else "http"
             log.info("metrics on %s://%s/metrics (%s, at most %d runs)", scheme,
                      _address(self.metrics_server.host, self.metrics_server.port),
-                     "bearer token required" if s.metrics_auth else "no token needed", s.metrics_max_runs)
+                     "bearer token required" if self.metrics_token_required else "no token needed",
+                     s.metrics_max_runs)
         else:
             log.info("metrics endpoint off (--metrics-port 0)")
+        self._log_warnings(host)
         if s.tls_client_ca:
             log.info("mutual TLS: clients need a certificate signed by %s", s.tls_client_ca)
         if self.code_execution is None:
@@ -249,6 +253,22 @@ class MaxEntServer:
             log_sandbox = log.info if self.code_execution == "bwrap" else log.warning
             log_sandbox("code execution ON: code_unit_tests runs programs in the %s sandbox: %s",
                         self.code_execution, describe_mode(self.code_execution))
+
+    def _log_warnings(self, host: str) -> None:
+        s = self.settings
+        if self.authorizer is not None and self.tls is None and s.allow_plaintext_tokens and not is_loopback(host):
+            log.warning("--allow-plaintext-tokens: bearer tokens reach %s without TLS; anyone on the path can read "
+                        "and reuse them", host)
+        self._warn_if_token_file_readable()
+        if self.tls is not None:
+            problem = certificate_expiry_problem(self.tls.cert)
+            if problem:
+                log.warning("--tls-cert %s: %s; clients will refuse the connection", self.tls.cert, problem)
+
+    def _warn_if_token_file_readable(self) -> None:
+        if self.authorizer is not None and plaintext_tokens_readable_by_all(self.authorizer.path):
+            log.warning("token file %s holds plaintext tokens and is readable by every user: chmod 600 it, or "
+                        "keep only sha256 digests in it", self.authorizer.path)
 
     def reload_tokens(self) -> None:
         """SIGHUP: read the token file again; keep the old tokens when it is invalid."""
@@ -261,6 +281,7 @@ class MaxEntServer:
             log.error("SIGHUP: kept the previous tokens: %s", error)
             return
         log.info("SIGHUP: reloaded %d tokens from %s", count, self.authorizer.path)
+        self._warn_if_token_file_readable()
 
     async def stop(self) -> None:
         """Stop taking calls, finish those in flight within the grace period,

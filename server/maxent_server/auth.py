@@ -37,6 +37,7 @@ import hmac
 import json
 import re
 import secrets
+import stat
 import sys
 import threading
 from dataclasses import dataclass
@@ -183,6 +184,19 @@ def load_token_file(path: str | Path) -> TokenTable:
     except OSError as error:
         raise TokenFileError(f"cannot read token file {str(path)!r}: {error.strerror or error}") from None
     return parse_token_file(text, source=str(path))
+
+
+def plaintext_tokens_readable_by_all(path: str | Path) -> bool:
+    """Whether the token file holds tokens themselves (not only digests) and
+    any user on the machine may read it."""
+    try:
+        if not Path(path).stat().st_mode & stat.S_IROTH:
+            return False
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    entries = data.get("tokens") if isinstance(data, dict) else None
+    return any(isinstance(entry, dict) and "token" in entry for entry in entries or ())
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:

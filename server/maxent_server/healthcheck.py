@@ -19,9 +19,16 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .settings import ConfigError, parse_bool
+
 
 def _env(name: str, default: str = "") -> str:
     return os.environ.get("MAXENT_HEALTHCHECK_" + name.upper().replace("-", "_"), default)
+
+
+def _env_flag(name: str) -> bool:
+    text = _env(name)
+    return parse_bool(text, "MAXENT_HEALTHCHECK_" + name.upper()) if text.strip() else False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host:port of the server (default 127.0.0.1:$MAXENT_PORT or 127.0.0.1:50051)")
     p.add_argument("--service", default=_env("service", ""), help="health service name ('' = the whole server)")
     p.add_argument("--timeout", type=float, default=float(_env("timeout", "5")), help="seconds (default 5)")
-    p.add_argument("--tls", action="store_true", default=_env("tls") not in ("", "0", "false"),
+    p.add_argument("--tls", action="store_true", default=_env_flag("tls"),
                    help="use TLS with the system's root certificates (implied by --tls-ca)")
     p.add_argument("--tls-ca", default=_env("tls-ca"), help="PEM file of the CA that signed the server certificate")
     p.add_argument("--tls-cert", default=_env("tls-cert"), help="client certificate (PEM) for mutual TLS")
@@ -61,7 +68,11 @@ def check(args: argparse.Namespace) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         print("--tls-cert and --tls-key go together", file=sys.stderr)
         return 2

@@ -16,13 +16,13 @@ interface) after each reward evaluation.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
 import socket
 import ssl
 import threading
 from collections import OrderedDict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
@@ -386,100 +386,194 @@ class _RunFilteredView:
 
 # -- the HTTP endpoint ---------------------------------------------------------------
 
+HEADER_LIMIT = 16 * 1024  # bytes of request line and headers; more closes the connection
+BODY_LIMIT = 64 * 1024  # a GET has no body; a larger one closes the connection
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+            413: "Content Too Large"}
+_TEXT = "text/plain; charset=utf-8"
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "_HttpServer"
-    protocol_version = "HTTP/1.1"
-    timeout = 30
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        path = self.path.split("?", 1)[0]
-        if path not in ("/metrics", "/metrics/"):
-            self._reply(404, b"not found; metrics are at /metrics\n", "text/plain; charset=utf-8")
-            return
-        run_filter = None
-        authorizer = self.server.authorizer
-        if authorizer is not None:
-            token = _bearer(self.headers.get("Authorization", ""))
-            principal = authorizer.authenticate_token(token)
-            if principal is None:
-                self._reply(401, b"missing or unknown bearer token\n", "text/plain; charset=utf-8",
-                            [("WWW-Authenticate", 'Bearer realm="maxent-metrics"')])
-                return
-            if not principal.all_runs:
-                run_filter = principal.may_access
-        body, content_type = self.server.metrics.render(self.headers.get("Accept", ""), run_filter)
-        headers = []
-        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
-            body = gzip.compress(body, compresslevel=5)
-            headers.append(("Content-Encoding", "gzip"))
-        self._reply(200, body, content_type, headers)
+class _Request:
+    def __init__(self, method: str, path: str, version: str, headers: dict[str, str]) -> None:
+        self.method, self.path, self.version, self.headers = method, path, version, headers
 
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._reply(405, b"", "text/plain; charset=utf-8", [("Allow", "GET")])
+    @property
+    def keep_alive(self) -> bool:
+        connection = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.1":
+            return connection != "close"
+        return connection == "keep-alive"
 
-    def _reply(self, status: int, body: bytes, content_type: str, headers: list[tuple[str, str]] = ()) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in headers:
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
-        log.debug("metrics %s - " + format, self.client_address[0], *args)
+def _parse_head(head: bytes) -> _Request | None:
+    """The request line and headers, or None when they are not HTTP/1.x."""
+    try:
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, version = lines[0].split(" ")
+    except ValueError:
+        return None
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            return None
+        headers.setdefault(name.strip().lower(), value.strip())
+    return _Request(method, target.split("?", 1)[0], version, headers)
+
+
+async def _read_request(reader: asyncio.StreamReader) -> _Request | int:
+    """The next request, or the status (400, 413) of one that cannot be served."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    request = _parse_head(head[:-4])
+    length = request.headers.get("content-length", "0") if request is not None else "0"
+    if request is None or not length.isdigit():
+        return 400
+    if int(length) > BODY_LIMIT:
+        return 413
+    await reader.readexactly(int(length))  # a GET has none; read past it to keep the connection usable
+    return request
 
 
 def _bearer(header: str) -> str | None:
     return bearer_token([("authorization", header)])
 
 
-class _HttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-    metrics: Metrics
-    authorizer: Any
-    ssl_context: ssl.SSLContext | None
-
-    def finish_request(self, request, client_address) -> None:
-        # Runs in the connection's own thread: a slow TLS handshake never
-        # holds up accepting other scrapes.
-        request.settimeout(_Handler.timeout)
-        if self.ssl_context is not None:
-            request = self.ssl_context.wrap_socket(request, server_side=True)
-        super().finish_request(request, client_address)
-
-    def handle_error(self, request, client_address) -> None:
-        log.debug("metrics request from %s failed", client_address[0], exc_info=True)
-
-
 class MetricsServer:
-    """`/metrics` over HTTP (HTTPS with `ssl_context`) in a background thread.
-    With an `authorizer`, a valid bearer token is required and a token limited
-    to some runs sees only those runs' series."""
+    """`/metrics` over HTTP/1.1 (HTTPS with `ssl_context`), served by one
+    asyncio loop in a background thread, so a slow or stalled client costs a
+    socket, never a thread. A connection must send each complete request
+    within `read_timeout` seconds; at `max_connections` open connections the
+    one waiting longest for a request is closed to make room. With an
+    `authorizer`, a valid bearer token is required and a token limited to
+    some runs sees only those runs' series."""
 
     def __init__(self, metrics: Metrics, host: str, port: int, *, authorizer=None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        server_class = type("_Server", (_HttpServer,), {"address_family": _family(host)})
-        self._httpd = server_class((host, port), _Handler)
-        self._httpd.metrics = metrics
-        self._httpd.authorizer = authorizer
-        self._httpd.ssl_context = ssl_context
+                 ssl_context: ssl.SSLContext | None = None, max_connections: int = 64,
+                 read_timeout: float = 10.0) -> None:
+        self.metrics = metrics
+        self.authorizer = authorizer
+        self.ssl_context = ssl_context
+        self.max_connections = max_connections
+        self.read_timeout = read_timeout
+        # Bound here: a port in use is an OSError of the constructor.
+        family = _family(host)
+        self._socket = socket.create_server((host, port), family=family, backlog=128,
+                                            dualstack_ipv6=family == socket.AF_INET6 and socket.has_dualstack_ipv6())
         self.host = host
-        self.port: int = self._httpd.server_address[1]
+        self.port: int = self._socket.getsockname()[1]
         self.tls = ssl_context is not None
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="maxent-metrics", daemon=True)
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(_log_loop_error)
+        self._server: asyncio.base_events.Server | None = None
+        self._waiting: dict[asyncio.Task, None] = {}  # connections waiting for a request, oldest first
+        self._connections: set[asyncio.Task] = set()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="maxent-metrics", daemon=True)
 
     def start(self) -> "MetricsServer":
         self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(30)
         return self
 
     def stop(self) -> None:
         if self._thread.is_alive():
-            self._httpd.shutdown()
-            self._thread.join(10)
-        self._httpd.server_close()
+            try:
+                asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(10)
+        if not self._loop.is_running():
+            self._loop.close()
+        self._socket.close()
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, sock=self._socket, ssl=self.ssl_context, limit=HEADER_LIMIT,
+            ssl_handshake_timeout=self.read_timeout if self.ssl_context is not None else None,
+        )
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._connections) >= self.max_connections and self._waiting:
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.cancel()
+        self._connections.add(task)
+        try:
+            while await self._answer_one(reader, writer, task):
+                pass
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
+                ssl.SSLError, ValueError):
+            pass  # a client that stalls, vanishes or oversends just loses its connection
+        finally:
+            self._waiting.pop(task, None)
+            self._connections.discard(task)
+            writer.close()
+
+    async def _answer_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          task: asyncio.Task) -> bool:
+        """Read one request and answer it; whether to keep the connection."""
+        self._waiting[task] = None
+        request = await asyncio.wait_for(_read_request(reader), self.read_timeout)
+        self._waiting.pop(task, None)
+        keep_alive = False
+        headers: Sequence[tuple[str, str]] = ()
+        if isinstance(request, int):
+            status, body, content_type = request, _REASONS[request].lower().encode() + b"\n", _TEXT
+        else:
+            status, body, content_type, headers = self._response(request)
+            keep_alive = request.keep_alive
+            if request.method == "HEAD":
+                body = b""
+        await asyncio.wait_for(self._write(writer, status, body, content_type, headers, close=not keep_alive),
+                               self.read_timeout)
+        log.debug("metrics %s - %d", writer.get_extra_info("peername", ("?",))[0], status)
+        return keep_alive
+
+    def _response(self, request: _Request) -> tuple[int, bytes, str, Sequence[tuple[str, str]]]:
+        if request.path not in ("/metrics", "/metrics/"):
+            return 404, b"not found; metrics are at /metrics\n", _TEXT, []
+        if request.method != "GET":
+            return 405, b"", _TEXT, [("Allow", "GET")]
+        run_filter = None
+        if self.authorizer is not None:
+            principal = self.authorizer.authenticate_token(_bearer(request.headers.get("authorization", "")))
+            if principal is None:
+                return 401, b"missing or unknown bearer token\n", _TEXT, [
+                    ("WWW-Authenticate", 'Bearer realm="maxent-metrics"')]
+            if not principal.all_runs:
+                run_filter = principal.may_access
+        body, content_type = self.metrics.render(request.headers.get("accept", ""), run_filter)
+        headers: list[tuple[str, str]] = []
+        if gzip_accepted(request.headers.get("accept-encoding", "")):
+            body = gzip.compress(body, compresslevel=5)
+            headers.append(("Content-Encoding", "gzip"))
+        return 200, body, content_type, headers
+
+    @staticmethod
+    async def _write(writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str,
+                     headers: Sequence[tuple[str, str]] = (), *, close: bool = False) -> None:
+        lines = [f"HTTP/1.1 {status} {_REASONS[status]}", f"Content-Type: {content_type}",
+                 f"Content-Length: {len(body)}", *(f"{key}: {value}" for key, value in headers)]
+        if close:
+            lines.append("Connection: close")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await writer.drain()
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    log.debug("metrics endpoint: %s", context.get("message"), exc_info=context.get("exception"))
 
 
 def _family(host: str) -> socket.AddressFamily:

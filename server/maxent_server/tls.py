@@ -9,6 +9,7 @@ are read and checked once at start; restart the server to rotate them.
 from __future__ import annotations
 
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,3 +79,20 @@ def http_ssl_context(files: TlsFiles) -> ssl.SSLContext:
             raise TlsConfigError(f"--tls-client-ca: cannot load the CA bundle ({error})") from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def certificate_expiry_problem(cert: str, now: float | None = None) -> str | None:
+    """'expired on DATE' (or 'not valid before DATE') for the first
+    certificate of `cert`, None when it is valid now or cannot be decoded."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(cert)  # type: ignore[attr-defined]  # the stdlib's only decoder
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (AttributeError, KeyError, ValueError, OSError, ssl.SSLError):
+        return None
+    now = time.time() if now is None else now
+    if now > not_after:
+        return f"expired on {decoded['notAfter']}"
+    if now < not_before:
+        return f"not valid before {decoded['notBefore']}"
+    return None
