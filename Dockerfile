@@ -23,6 +23,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY scripts/setup.sh scripts/setup.sh
 COPY proto/ proto/
+COPY api/ api/
 COPY client/ client/
 COPY server/ server/
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -37,11 +38,12 @@ RUN bash scripts/setup.sh \
 FROM ${BASE_IMAGE} AS runtime
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
-RUN if ! command -v python3 >/dev/null; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends python3 \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi \
+# bubblewrap: the sandbox of code_unit_tests (--enable-code-execution).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends bubblewrap \
+    && if ! command -v python3 >/dev/null; then apt-get install -y --no-install-recommends python3; fi \
+    && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 maxent \
     && useradd --system --uid 10001 --gid maxent --home-dir /data --no-create-home --shell /usr/sbin/nologin maxent \
     && mkdir -p /data \
