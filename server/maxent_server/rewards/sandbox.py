@@ -442,7 +442,9 @@ def _classify(code: int, stdout: bytes, stderr_tail: str, limits: Limits, elapse
                          f"file-size limit of {limits.max_file_bytes} bytes exceeded", elapsed)
     if code != 0 and last_line.startswith(_MEMORY_ERRORS):
         return RunResult(MEMORY, code, stdout, stderr_tail, f"memory limit of {limits.memory_mb} MB exceeded", elapsed)
-    if code != 0 and last_line.startswith(_PROCESS_ERRORS):
+    # Forked copies write tracebacks into the same stderr and may be killed
+    # mid-line, so the process-limit error can be anywhere in the tail.
+    if code != 0 and any(marker in stderr_tail for marker in _PROCESS_ERRORS):
         return RunResult(PROCESSES, code, stdout, stderr_tail,
                          f"process limit of {limits.max_processes} exceeded", elapsed)
     if sig is not None:
