@@ -9,6 +9,8 @@ import ipaddress
 import logging
 import signal
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -36,6 +38,9 @@ KEEPALIVE_OPTIONS = (
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.max_pings_without_data", 0),
 )
+#: After the grace period: seconds allowed to each shutdown step that may block
+#: (stopping the reward workers, the executors) before the server exits anyway.
+SHUTDOWN_STEP_SECONDS = 4.0
 
 
 @dataclass
@@ -242,7 +247,11 @@ class MaxEntServer:
 
     async def stop(self) -> None:
         """Stop taking calls, finish those in flight within the grace period,
-        close the store."""
+        then stop the reward workers and close the store.
+
+        Nothing here blocks the event loop: the blocking steps run on threads
+        with a bound each, and reward work still running when the grace period
+        ends is cancelled (its workers killed) rather than waited for."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -252,9 +261,11 @@ class MaxEntServer:
         await self.server.stop(self.settings.grace_seconds)
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        self.servicer.shutdown()
+        # Rewards first: closing the pool fails the reward work of calls still
+        # running, which frees the executor threads the servicer waits for.
         if self.rewards is not None:
-            self.rewards.close()
+            await _off_loop(self.rewards.close, "stopping the reward workers")
+        await _off_loop(self.servicer.shutdown, "finishing the servicer's work")
         self.store.close()
         log.info("maxent-server stopped")
 
@@ -267,6 +278,34 @@ class MaxEntServer:
         await self.start()
         await stop.wait()
         await self.stop()
+
+
+async def _off_loop(step: Callable[[], None], what: str, bound: float = SHUTDOWN_STEP_SECONDS) -> None:
+    """Run a blocking shutdown step on its own (daemon) thread; wait for it at
+    most ``bound`` seconds, then carry on without it."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def finished() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def run() -> None:
+        try:
+            step()
+        except Exception:  # shutting down anyway
+            log.exception("%s failed", what)
+        finally:
+            try:
+                loop.call_soon_threadsafe(finished)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+    threading.Thread(target=run, name="maxent-shutdown", daemon=True).start()
+    try:
+        await asyncio.wait_for(done, bound)
+    except asyncio.TimeoutError:
+        log.warning("%s did not finish within %.1f s; exiting without it", what, bound)
 
 
 def _bind_failure(host: str, port: int, *, only_in_use: bool = False) -> str | None:
