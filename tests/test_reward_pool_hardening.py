@@ -249,7 +249,7 @@ def test_one_item_call_is_not_queued_behind_four_large_calls(tmp_path):
         "--reward-workers", "2", "--reward-timeout-seconds", "1"]).start()
     try:
         big = [dict() for _ in range(4)]
-        threads = [reward_call(server, "sleepy", [f"SLEEP {n} {k}" for k in range(8)], outcome)
+        threads = [reward_call(server, "sleepy", [f"SLEEP {n} {k}" for k in range(6)], outcome)
                    for n, outcome in enumerate(big)]
         busy_workers(server, 2)
         time.sleep(2.0)  # the large calls are in the server, their items queued

@@ -7,8 +7,10 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +40,9 @@ KEEPALIVE_OPTIONS = (
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.max_pings_without_data", 0),
 )
-#: After the grace period: seconds allowed to each shutdown step that may block
+#: After the grace period: seconds allowed to the shutdown steps that may block
 #: (stopping the reward workers, the executors) before the server exits anyway.
-SHUTDOWN_STEP_SECONDS = 4.0
+SHUTDOWN_SECONDS = 2.5
 
 
 @dataclass
@@ -261,15 +263,18 @@ class MaxEntServer:
         await self.server.stop(self.settings.grace_seconds)
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        deadline = asyncio.get_running_loop().time() + SHUTDOWN_SECONDS
         # Rewards first: closing the pool fails the reward work of calls still
         # running, which frees the executor threads the servicer waits for.
         if self.rewards is not None:
-            await _off_loop(self.rewards.close, "stopping the reward workers")
-        await _off_loop(self.servicer.shutdown, "finishing the servicer's work")
+            await _off_loop(self.rewards.close, "stopping the reward workers", deadline)
+        await _off_loop(self.servicer.shutdown, "finishing the servicer's work", deadline)
         self.store.close()
         log.info("maxent-server stopped")
 
-    async def serve_until_signal(self) -> None:
+    async def serve_until_signal(self, *, exit_process: bool = True) -> None:
+        """Serve until SIGTERM or SIGINT, then :meth:`stop`; with ``exit_process``
+        the process ends right after (see :func:`_end_process`)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -278,11 +283,13 @@ class MaxEntServer:
         await self.start()
         await stop.wait()
         await self.stop()
+        if exit_process:
+            _end_process(0)
 
 
-async def _off_loop(step: Callable[[], None], what: str, bound: float = SHUTDOWN_STEP_SECONDS) -> None:
-    """Run a blocking shutdown step on its own (daemon) thread; wait for it at
-    most ``bound`` seconds, then carry on without it."""
+async def _off_loop(step: Callable[[], None], what: str, deadline: float) -> None:
+    """Run a blocking shutdown step on its own (daemon) thread; wait for it
+    until ``deadline`` (event loop time), then carry on without it."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -303,9 +310,23 @@ async def _off_loop(step: Callable[[], None], what: str, bound: float = SHUTDOWN
 
     threading.Thread(target=run, name="maxent-shutdown", daemon=True).start()
     try:
-        await asyncio.wait_for(done, bound)
+        await asyncio.wait_for(done, max(0.1, deadline - loop.time()))
     except asyncio.TimeoutError:
-        log.warning("%s did not finish within %.1f s; exiting without it", what, bound)
+        log.warning("%s did not finish in time; exiting without it", what)
+
+
+def _end_process(code: int) -> None:
+    """Exit now, skipping the interpreter's teardown: collecting the modules
+    (torch, sympy...) takes seconds on a busy machine, and everything that
+    matters is closed by then. Threads still running (a computation whose call
+    was cancelled) end with the process instead of holding it."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)
 
 
 def _bind_failure(host: str, port: int, *, only_in_use: bool = False) -> str | None:

@@ -63,7 +63,7 @@ COST_SMOOTHING = 0.3
 #: On close: seconds between SIGTERM and SIGKILL for a worker still running.
 TERMINATE_GRACE_S = 1.0
 #: On close: seconds to wait for the dispatcher thread before killing the workers from the caller.
-CLOSE_TIMEOUT_S = 3.0
+CLOSE_TIMEOUT_S = 2.0
 
 
 class ItemResult(NamedTuple):
