@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from importlib.metadata import entry_points
@@ -92,9 +93,9 @@ def reward_call(server: ServerProcess, name: str, completions: list[str], outcom
     return thread
 
 
-def busy_workers(server: ServerProcess, count: int) -> set[int]:
-    """Pids of the server's reward workers (the forkserver's children) once
-    ``count`` of them exist."""
+def reward_workers(server: ServerProcess, count: int) -> set[int]:
+    """Pids of the server's reward workers (the processes below its children)
+    once ``count`` of them exist."""
     workers: set[int] = set()
 
     def enough() -> bool:
@@ -133,7 +134,7 @@ def test_sigterm_during_a_long_reward_item_exits_within_the_grace_period(tmp_pat
     try:
         outcome: dict = {}
         caller = reward_call(server, name, [f"{marker} {k}" for k in range(4)], outcome)
-        workers = busy_workers(server, 2)
+        workers = reward_workers(server, 2)
         time.sleep(1.0)  # let both workers start an item
         server.proc.send_signal(signal.SIGTERM)
         try:
@@ -192,7 +193,7 @@ def test_reward_workers_die_with_a_killed_server(tmp_path):
     try:
         outcome: dict = {}
         reward_call(server, "sleepy", ["SLEEP 1", "SLEEP 2"], outcome)
-        busy_workers(server, 2)
+        reward_workers(server, 2)
         time.sleep(1.0)  # both workers are inside their item
         everything = descendants(server.proc.pid)
         server.kill()
@@ -201,6 +202,54 @@ def test_reward_workers_die_with_a_killed_server(tmp_path):
         server.stop()
         for pid in still():  # do not leave orphans behind when the test fails
             os.kill(pid, signal.SIGKILL)
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, os, sys, time
+from maxent_server.rewards import _worker
+
+def child(mechanism, ready_path):
+    if mechanism == "watchdog":
+        _worker.set_parent_death_signal = lambda: False
+    else:
+        _worker._watch_server = lambda server, parent_pid: None
+    _worker.die_with_server()
+    with open(ready_path, "w") as f:
+        f.write(str(os.getpid()))
+    while True:
+        time.sleep(3600)
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context(sys.argv[1])
+    ctx.Process(target=child, args=(sys.argv[2], sys.argv[3]), daemon=True).start()
+    time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("context", ["forkserver", "spawn"])
+@pytest.mark.parametrize("mechanism", ["prctl", "watchdog"])
+def test_each_orphan_guard_alone_ends_the_worker(tmp_path, context, mechanism):
+    """The kernel's parent-death signal (watchdog off) and the watchdog thread
+    (prctl off) each end a worker whose server was SIGKILLed."""
+    if mechanism == "prctl" and not os.path.exists("/proc/self"):
+        pytest.skip("prctl is Linux-only")
+    script = tmp_path / "server.py"
+    script.write_text(ORPHAN_SCRIPT)
+    ready = tmp_path / "ready"
+    parent = subprocess.Popen([sys.executable, str(script), context, mechanism, str(ready)])
+    worker = 0
+    try:
+        assert wait_for(lambda: ready.exists() and ready.read_text(), 60), "the worker did not start"
+        worker = int(ready.read_text())
+        assert running(worker)
+        parent.kill()
+        parent.wait(10)
+        assert wait_for(lambda: not running(worker), 5), f"worker {worker} outlived its server ({mechanism})"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if worker and running(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------
@@ -251,7 +300,7 @@ def test_one_item_call_is_not_queued_behind_four_large_calls(tmp_path):
         big = [dict() for _ in range(4)]
         threads = [reward_call(server, "sleepy", [f"SLEEP {n} {k}" for k in range(6)], outcome)
                    for n, outcome in enumerate(big)]
-        busy_workers(server, 2)
+        reward_workers(server, 2)
         time.sleep(2.0)  # the large calls are in the server, their items queued
         small: dict = {}
         reward_call(server, "sleepy", ["quick"], small).join(120)
