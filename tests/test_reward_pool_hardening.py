@@ -23,10 +23,14 @@ from maxent_server.rewards._worker import ITEM_PLUGIN
 from maxent_server.rewards.pool import Cancelled, WorkerPool
 from server_process import ServerProcess
 
-pytestmark = pytest.mark.skipif(
-    not any(ep.name == "sleepy" for ep in entry_points(group="maxent.rewards")),
-    reason="test plugin not installed: pip install -e tests/plugins/maxent_test_plugin",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not any(ep.name == "sleepy" for ep in entry_points(group="maxent.rewards")),
+        reason="test plugin not installed: pip install -e tests/plugins/maxent_test_plugin",
+    ),
+    pytest.mark.skipif(not Path(f"/proc/self/task/{os.getpid()}/children").exists(),
+                       reason="needs /proc/PID/task/TID/children (Linux) to find the worker processes"),
+]
 
 PLUGINS = [("sleepy", "maxent_test_plugin:sleepy"), ("stuck", "maxent_test_plugin:stuck"),
            ("keyword_match", "maxent_test_plugin:keyword_match")]
@@ -36,21 +40,25 @@ def plugin_item(name: str, completion: str, **params: object) -> tuple:
     return (ITEM_PLUGIN, name, completion, "", tuple(sorted(params.items())))
 
 
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid``, read from /proc."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found.update(map(int, (task / "children").read_text().split()))
+        except OSError:
+            pass  # the process or thread just ended
+    return found
+
+
 def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (children, grandchildren...), read from /proc."""
+    """Every process below ``pid``: children, grandchildren..."""
     found: set[int] = set()
     todo = [pid]
     while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                if child not in found:
-                    found.add(child)
-                    todo.append(child)
+        for child in children(todo.pop()) - found:
+            found.add(child)
+            todo.append(child)
     return found
 
 
@@ -101,21 +109,11 @@ def reward_workers(server: ServerProcess, count: int) -> set[int]:
     def enough() -> bool:
         nonlocal workers
         below = descendants(server.proc.pid)
-        workers = {pid for pid in below if pid not in descendants_direct(server.proc.pid)}
+        workers = {pid for pid in below if pid not in children(server.proc.pid)}
         return len(workers) >= count
 
     assert wait_for(enough, 60), f"no reward workers under the server:\n{server.log()}"
     return workers
-
-
-def descendants_direct(pid: int) -> set[int]:
-    children: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children.update(map(int, (task / "children").read_text().split()))
-        except OSError:
-            pass
-    return children
 
 
 # ---------------------------------------------------------------------------
@@ -162,7 +160,7 @@ def test_pool_close_is_bounded_when_a_worker_ignores_sigterm():
         caller = threading.Thread(target=run, daemon=True)
         caller.start()
         assert wait_for(lambda: pool.stats()["queued_items"] == 0 and pool.stats()["workers_ready"] == 1, 60)
-        workers = descendants(os.getpid()) - others - descendants_direct(os.getpid())
+        workers = descendants(os.getpid()) - others - children(os.getpid())
         assert workers
         time.sleep(0.5)  # the worker is inside the item, SIGTERM blocked
         started = time.monotonic()
@@ -231,7 +229,7 @@ if __name__ == "__main__":
 def test_each_orphan_guard_alone_ends_the_worker(tmp_path, context, mechanism):
     """The kernel's parent-death signal (watchdog off) and the watchdog thread
     (prctl off) each end a worker whose server was SIGKILLed."""
-    if mechanism == "prctl" and not os.path.exists("/proc/self"):
+    if mechanism == "prctl" and not sys.platform.startswith("linux"):
         pytest.skip("prctl is Linux-only")
     script = tmp_path / "server.py"
     script.write_text(ORPHAN_SCRIPT)
@@ -297,7 +295,7 @@ def test_one_item_call_is_not_queued_behind_four_large_calls(tmp_path):
     server = ServerProcess(tmp_path / "data", extra_args=[
         "--reward-workers", "2", "--reward-timeout-seconds", "1"]).start()
     try:
-        big = [dict() for _ in range(4)]
+        big: list[dict] = [{} for _ in range(4)]
         threads = [reward_call(server, "sleepy", [f"SLEEP {n} {k}" for k in range(6)], outcome)
                    for n, outcome in enumerate(big)]
         reward_workers(server, 2)
