@@ -5,12 +5,13 @@ spawn context, never a fork of the server). Protocol over one duplex pipe:
 
 * worker -> parent: ``("ready", pid)`` once its imports and plugins are loaded;
 * parent -> worker: a chunk, a list of ``(key, item)``; or None to stop;
-* worker -> parent: ``(key, status, value, message, stats)`` after each item,
+* worker -> parent: ``(key, status, value, message, stats, seconds)`` after each item,
   so the parent can time each item separately.
 
 ``status`` is ``"ok"`` (value set), ``"error"`` (message set) or
 ``"timeout"``. ``stats`` counts ``(gold_parses, answer_parses,
-verifications, plugin_calls)`` done for the item.
+verifications, plugin_calls)`` done for the item; ``seconds`` is how long it
+ran (the pool sizes its chunks by it).
 
 Time limit: each item runs under ``setitimer(ITIMER_REAL)``; the SIGALRM
 handler raises :class:`ItemTimeout` (a BaseException, so ``except Exception``
@@ -333,8 +334,10 @@ def worker_main(conn: Any, limit: float, plugins: Sequence[tuple[str, str]]) -> 
         for key, item in chunk:
             # A plugin may have replaced the handler; put ours back each time.
             signal.signal(signal.SIGALRM, _on_alarm)
+            started = time.monotonic()
             status, value, message = run_with_limit(state, item, limit)
+            seconds = time.monotonic() - started
             try:
-                conn.send((key, status, value, message, tuple(state.stats)))
+                conn.send((key, status, value, message, tuple(state.stats), seconds))
             except (EOFError, OSError):
                 return

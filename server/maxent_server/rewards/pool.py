@@ -131,7 +131,7 @@ class _Worker:
         self.job: _Job | None = None
         self.keys: list[int] = []
         self.pos = 0
-        self.item_started = self.started  # when its current item began (as far as the dispatcher knows)
+        self.item_started = self.started  # when its current item began, as far as the dispatcher knows
         self.deadline: float | None = None
 
     @property
@@ -164,7 +164,7 @@ class WorkerPool:
         self._plugins = tuple(plugins)
         self._ctx = context if context is not None else default_context()
         self._lock = threading.Lock()
-        self._jobs: list[_Job] = []  # jobs with pending items, in arrival order
+        self._jobs: list[_Job] = []  # jobs with pending items (new ones last)
         self._dispatches = 0
         self._cost: dict[tuple[Any, ...], float] = {}  # item kind -> running average seconds
         self._closing = False
@@ -457,13 +457,13 @@ class WorkerPool:
             w.ready = True
             self._start_failures = 0
             return
-        key, status, value, message, stats = msg
+        key, status, value, message, stats, seconds = msg
         job = w.job
         if job is None or w.current() != key:
             log.warning("reward worker sent an unexpected result; ignored")
             return
         now = time.monotonic()
-        self._measure(job.items[key], now - w.item_started)
+        self._measure(job.items[key], seconds)
         with self._lock:
             for name, count in zip(("gold_parses", "answer_parses", "verifications", "plugin_calls"), stats):
                 self._stats[name] += int(count)
