@@ -7,8 +7,12 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import signal
 import socket
+import sys
+import threading
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,9 +40,13 @@ KEEPALIVE_OPTIONS = (
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.max_pings_without_data", 0),
 )
+#: After the grace period: seconds allowed to the shutdown steps that may block
+#: (stopping the reward workers, the executors) before the server exits anyway.
+SHUTDOWN_SECONDS = 2.5
 # A connection that has not finished its TLS and HTTP/2 handshakes by then is
 # closed (gRPC's default, 120 s, lets idle sockets pile up).
 HANDSHAKE_TIMEOUT_MS = 20_000
+
 
 def transport_options(s: ServerSettings) -> list[tuple[str, int]]:
     """gRPC server options: message size, keepalive, streams per connection
@@ -285,7 +293,11 @@ class MaxEntServer:
 
     async def stop(self) -> None:
         """Stop taking calls, finish those in flight within the grace period,
-        close the store."""
+        then stop the reward workers and close the store.
+
+        Nothing here blocks the event loop: the blocking steps run on threads
+        with a bound each, and reward work still running when the grace period
+        ends is cancelled (its workers killed) rather than waited for."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -295,13 +307,18 @@ class MaxEntServer:
         await self.server.stop(self.settings.grace_seconds)
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        self.servicer.shutdown()
+        deadline = asyncio.get_running_loop().time() + SHUTDOWN_SECONDS
+        # Rewards first: closing the pool fails the reward work of calls still
+        # running, which frees the executor threads the servicer waits for.
         if self.rewards is not None:
-            self.rewards.close()
+            await _off_loop(self.rewards.close, "stopping the reward workers", deadline)
+        await _off_loop(self.servicer.shutdown, "finishing the servicer's work", deadline)
         self.store.close()
         log.info("maxent-server stopped")
 
-    async def serve_until_signal(self) -> None:
+    async def serve_until_signal(self, *, exit_process: bool = True) -> None:
+        """Serve until SIGTERM or SIGINT, then :meth:`stop`; with ``exit_process``
+        the process ends right after (see :func:`_end_process`)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -310,6 +327,50 @@ class MaxEntServer:
         await self.start()
         await stop.wait()
         await self.stop()
+        if exit_process:
+            _end_process(0)
+
+
+async def _off_loop(step: Callable[[], None], what: str, deadline: float) -> None:
+    """Run a blocking shutdown step on its own (daemon) thread; wait for it
+    until ``deadline`` (event loop time), then carry on without it."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def finished() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def run() -> None:
+        try:
+            step()
+        except Exception:  # shutting down anyway
+            log.exception("%s failed", what)
+        finally:
+            try:
+                loop.call_soon_threadsafe(finished)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+    threading.Thread(target=run, name="maxent-shutdown", daemon=True).start()
+    try:
+        await asyncio.wait_for(done, max(0.1, deadline - loop.time()))
+    except asyncio.TimeoutError:
+        log.warning("%s did not finish in time; exiting without it", what)
+
+
+def _end_process(code: int) -> None:
+    """Exit now, skipping the interpreter's teardown: collecting the modules
+    (torch, sympy...) takes seconds on a busy machine, and everything that
+    matters is closed by then. Threads still running (a computation whose call
+    was cancelled) end with the process instead of holding it."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)
 
 
 def _bind_failure(host: str, port: int, *, only_in_use: bool = False) -> str | None:

@@ -115,7 +115,7 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         rewards=None,
         *,
         compute_threads: int = 2,
-        reward_threads: int = 4,
+        reward_threads: int = 64,
         store_threads: int = 4,
         clock: Callable[[], float] = time.time,
         observer=None,
@@ -128,6 +128,9 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         self.observer = observer
         self._compute = ThreadPoolExecutor(compute_threads, thread_name_prefix="maxent-compute",
                                            initializer=engine.prepare_thread)
+        # Reward calls mostly wait on the reward worker pool, which is fair
+        # between calls; this bounds only how many wait at once, so a small call
+        # is not queued here behind a few large ones.
         self._reward_pool = ThreadPoolExecutor(reward_threads, thread_name_prefix="maxent-rewards",
                                                initializer=engine.prepare_thread)
         self._store_pool = ThreadPoolExecutor(store_threads, thread_name_prefix="maxent-store")

@@ -5,12 +5,13 @@ spawn context, never a fork of the server). Protocol over one duplex pipe:
 
 * worker -> parent: ``("ready", pid)`` once its imports and plugins are loaded;
 * parent -> worker: a chunk, a list of ``(key, item)``; or None to stop;
-* worker -> parent: ``(key, status, value, message, stats)`` after each item,
+* worker -> parent: ``(key, status, value, message, stats, seconds)`` after each item,
   so the parent can time each item separately.
 
 ``status`` is ``"ok"`` (value set), ``"error"`` (message set) or
 ``"timeout"``. ``stats`` counts ``(gold_parses, answer_parses,
-verifications, plugin_calls)`` done for the item.
+verifications, plugin_calls)`` done for the item; ``seconds`` is how long it
+ran (the pool sizes its chunks by it).
 
 Time limit: each item runs under ``setitimer(ITIMER_REAL)``; the SIGALRM
 handler raises :class:`ItemTimeout` (a BaseException, so ``except Exception``
@@ -19,14 +20,22 @@ math-verify's own signal-based timeouts are switched off here: they use the
 same process timer (cancelling ours) and turn a timeout into a silent False.
 An item stuck where no signal gets through (C code, blocked signals) is the
 parent's job: it kills the process at the hard deadline.
+
+A worker never outlives the server (:func:`die_with_server`): on Linux the
+kernel SIGKILLs it when its parent process ends, and a watchdog thread ends it
+when the server's liveness pipe closes, wherever prctl is unavailable too.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import multiprocessing
 import os
 import signal
+import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -51,6 +60,13 @@ ITEM_PLUGIN = "plugin"  # ("plugin", name, completion, answer, params: tuple[(k,
 ITEM_EXTRACT = "extract"  # ("extract", text) -> (last boxed payload, final answer)
 
 GOLD_UNPARSABLE = "gold answer could not be parsed by math-verify"
+
+#: prctl option: the signal the kernel sends this process when its parent ends.
+PR_SET_PDEATHSIG = 1
+#: Seconds between the watchdog's checks that the server is still there.
+WATCHDOG_INTERVAL_S = 1.0
+#: Exit status of a worker that ended because the server went away.
+ORPHAN_EXIT_CODE = 70
 
 
 class ItemTimeout(BaseException):
@@ -232,8 +248,77 @@ def run_with_limit(state: WorkerState, item: tuple[Any, ...], limit: float) -> t
     return result
 
 
+def set_parent_death_signal() -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent ends. False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def release_forkserver_lifeline() -> None:
+    """Close this process's copy of the write end of the forkserver's liveness pipe.
+
+    The forkserver (the parent of a worker it forked) exits once every copy of
+    that end is closed, and each forked child inherits one: left open here, a
+    live worker keeps the forkserver alive after the server is gone, so the
+    worker's parent-death signal would never come. Uses a private attribute of
+    :mod:`multiprocessing.forkserver`; where it is missing nothing happens and
+    the watchdog still ends the worker.
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(fd, int):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
+
+
+def _watch_server(server: Any, parent_pid: int) -> None:
+    """Thread: end this process once the server or the parent process is gone."""
+    if hasattr(signal, "pthread_sigmask"):
+        # Signals (the item time limit's SIGALRM) must reach the main thread.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    while True:
+        if server is not None:
+            server.join(WATCHDOG_INTERVAL_S)  # returns early when the server ends
+        else:
+            time.sleep(WATCHDOG_INTERVAL_S)
+        if (server is not None and not server.is_alive()) or os.getppid() != parent_pid:
+            os._exit(ORPHAN_EXIT_CODE)
+
+
+def die_with_server() -> None:
+    """End this worker when the server ends, even by SIGKILL.
+
+    The server is :func:`multiprocessing.parent_process` (its liveness pipe
+    closes when it ends); the parent process is the server (spawn) or the
+    forkserver, which exits when the server does. The kernel's parent-death
+    signal needs no help from this process (it works while an item holds the
+    GIL in C code); the watchdog thread covers platforms without prctl and a
+    parent that ended before the prctl.
+    """
+    server = multiprocessing.parent_process()
+    parent_pid = os.getppid()
+    release_forkserver_lifeline()
+    set_parent_death_signal()
+    # Closes the race with a server that ended before the prctl took effect.
+    if server is not None and not server.is_alive():
+        os._exit(ORPHAN_EXIT_CODE)
+    threading.Thread(target=_watch_server, args=(server, parent_pid), name="maxent-worker-watchdog",
+                     daemon=True).start()
+
+
 def worker_main(conn: Any, limit: float, plugins: Sequence[tuple[str, str]]) -> None:
     """Entry point of a worker process."""
+    die_with_server()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     signal.signal(signal.SIGALRM, _on_alarm)
     quiet_math_verify()
@@ -250,8 +335,10 @@ def worker_main(conn: Any, limit: float, plugins: Sequence[tuple[str, str]]) -> 
         for key, item in chunk:
             # A plugin may have replaced the handler; put ours back each time.
             signal.signal(signal.SIGALRM, _on_alarm)
+            started = time.monotonic()
             status, value, message = run_with_limit(state, item, limit)
+            seconds = time.monotonic() - started
             try:
-                conn.send((key, status, value, message, tuple(state.stats)))
+                conn.send((key, status, value, message, tuple(state.stats), seconds))
             except (EOFError, OSError):
                 return

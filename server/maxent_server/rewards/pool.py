@@ -4,14 +4,18 @@ Why not ``multiprocessing.Pool`` or ``ProcessPoolExecutor``: neither can kill
 the one worker that hangs on one item and carry on (the first cannot kill a
 task, the second breaks the whole pool when a worker dies). Here:
 
-* ``run(items)`` (thread-safe, blocking) splits a job's items into chunks
-  and queues them; one dispatcher thread owns every worker process.
-* An idle, ready worker gets the next chunk, taken round-robin over the
-  queued jobs so a large batch does not starve a small one. The worker
-  answers after every item, so each item has its own deadline: the time
-  limit plus a grace from the moment the worker starts it (the worker
-  enforces the limit itself with SIGALRM; the grace covers what a signal
-  cannot interrupt).
+* ``run(items)`` (thread-safe, blocking) queues a job's items; one
+  dispatcher thread owns every worker process.
+* Fair between calls: an idle, ready worker gets a chunk of the job that has
+  the fewest chunks in workers (ties: the one served longest ago), so a new
+  one-item call starts on the next free worker however much other calls have
+  queued. Chunks are cut to about :data:`CHUNK_SECONDS` of work from each
+  item kind's measured duration, so a worker is never tied up long by one
+  chunk: slow items go one at a time, millisecond items in batches.
+* The worker answers after every item, so each item has its own deadline:
+  the time limit plus a grace from the moment the worker starts it (the
+  worker enforces the limit itself with SIGALRM; the grace covers what a
+  signal cannot interrupt).
 * At the hard deadline the dispatcher SIGKILLs the worker; that item is a
   ``"timeout"``. A worker that dies (``os._exit``, a segfault, the OOM
   killer) makes its current item a ``"crash"``. Either way the rest of its
@@ -21,6 +25,10 @@ task, the second breaks the whole pool when a worker dies). Here:
   The forkserver preloads math-verify, so a replacement starts in
   milliseconds. A new worker counts as ready only once it has loaded its
   modules and plugins, so start-up time never counts against an item.
+* ``close()`` is bounded whatever the workers do: every job fails at once,
+  idle workers are told to stop, busy ones get SIGTERM and, after
+  :data:`TERMINATE_GRACE_S`, SIGKILL. Workers also end by themselves when the
+  server process ends (see :func:`._worker.die_with_server`).
 """
 
 from __future__ import annotations
@@ -47,6 +55,15 @@ MAX_START_FAILURES = 3
 #: (a math-verify comparison: 2-20 ms) against ~0.1 ms per message, so small
 #: chunks cost little and keep the workers evenly loaded to the end.
 MAX_CHUNK = 16
+#: Target seconds of work per chunk: how long a free worker may stay tied to
+#: one call while another waits. An item kind not measured yet counts this much.
+CHUNK_SECONDS = 0.05
+#: Weight of the newest duration in an item kind's running average.
+COST_SMOOTHING = 0.3
+#: On close: seconds between SIGTERM and SIGKILL for a worker still running.
+TERMINATE_GRACE_S = 1.0
+#: On close: seconds to wait for the dispatcher thread before killing the workers from the caller.
+CLOSE_TIMEOUT_S = 2.0
 
 
 class ItemResult(NamedTuple):
@@ -76,15 +93,20 @@ class Cancelled(Exception):
     """The caller gave up on a job (its RPC was cancelled or ran out of time)."""
 
 
+def item_kind(item: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What an item's duration is measured by: its kind, and the plugin's name."""
+    return tuple(item[:2]) if item and item[0] == _worker.ITEM_PLUGIN else tuple(item[:1])
+
+
 class _Job:
-    def __init__(self, items: Sequence[tuple[Any, ...]], chunk: int) -> None:
+    def __init__(self, items: Sequence[tuple[Any, ...]]) -> None:
         self.items = items
         self.results: list[ItemResult | None] = [None] * len(items)
-        self.pending: deque[list[int]] = deque(
-            list(range(start, min(start + chunk, len(items)))) for start in range(0, len(items), chunk)
-        )
+        self.pending: deque[int] = deque(range(len(items)))
         self.remaining = len(items)
         self.queued = False
+        self.running = 0  # chunks of this job now in workers
+        self.served = 0  # when it last got a worker (dispatch count); 0: never
         self.done = threading.Event()
 
     def finish(self, key: int, result: ItemResult) -> None:
@@ -109,6 +131,7 @@ class _Worker:
         self.job: _Job | None = None
         self.keys: list[int] = []
         self.pos = 0
+        self.item_started = self.started  # when its current item began, as far as the dispatcher knows
         self.deadline: float | None = None
 
     @property
@@ -141,7 +164,9 @@ class WorkerPool:
         self._plugins = tuple(plugins)
         self._ctx = context if context is not None else default_context()
         self._lock = threading.Lock()
-        self._jobs: deque[_Job] = deque()
+        self._jobs: list[_Job] = []  # jobs with pending items (new ones last)
+        self._dispatches = 0
+        self._cost: dict[tuple[Any, ...], float] = {}  # item kind -> running average seconds
         self._closing = False
         # Workers start when the pool is created, or with prestart=False on the first run().
         self._started = prestart
@@ -176,8 +201,7 @@ class WorkerPool:
         time limit) and their results are discarded."""
         if not items:
             return []
-        chunk = max(1, min(MAX_CHUNK, -(-len(items) // (8 * self.size))))
-        job = _Job(items, chunk)
+        job = _Job(items)
         with self._lock:
             if self._closing:
                 raise RuntimeError("the reward worker pool is closed")
@@ -194,7 +218,7 @@ class WorkerPool:
                     # of items still in a worker land on finished keys.
                     job.fail_all("cancelled by the caller", status="cancelled")
                 raise Cancelled(f"{dropped} of {len(items)} work items dropped")
-            if not self._thread.is_alive():
+            if self._closing or not self._thread.is_alive():
                 with self._lock:
                     job.fail_all("the reward worker pool stopped")
         return [r if r is not None else ItemResult("error", None, "no result") for r in job.results]
@@ -202,28 +226,34 @@ class WorkerPool:
     def stats(self) -> dict[str, int]:
         with self._lock:
             out = dict(self._stats)
-            out["queued_items"] = sum(len(chunk) for job in self._jobs for chunk in job.pending)
+            out["queued_items"] = sum(len(job.pending) for job in self._jobs)
         workers = list(self._workers)
         out["workers_alive"] = len(workers)
         out["workers_ready"] = sum(1 for w in workers if w.ready)
         return out
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Fail every job, stop the workers (SIGTERM, then SIGKILL) and the dispatcher.
+
+        Returns within about ``timeout`` seconds whatever the workers do: if the
+        dispatcher has not finished by then, the workers are killed from here."""
         with self._lock:
-            if self._closing:
-                already = True
-            else:
-                already = False
-                self._closing = True
+            already = self._closing
+            self._closing = True
         self._wake()
-        if not already or self._thread.is_alive():
-            self._thread.join(timeout=30)
-        for fd in (self._wake_r, self._wake_w):
-            try:
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+        if self._thread.is_alive():
+            if not already:
+                log.warning("reward worker pool did not stop within %.1f s; killing its workers", timeout)
+            for w in list(self._workers):
+                _kill(w.proc)
+            return  # the dispatcher may still use its wake-up pipe
+        with self._lock:
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
 
     # -- dispatcher thread ----------------------------------------------------
 
@@ -320,34 +350,50 @@ class WorkerPool:
         with self._lock:
             jobs = list(self._jobs)
             self._jobs.clear()
-        for job in jobs:
-            job.queued = False
-            for keys in job.pending:
-                for key in keys:
+            for job in jobs:
+                job.queued = False
+                for key in job.pending:
                     job.finish(key, ItemResult("error", None, message))
-            job.pending.clear()
+                job.pending.clear()
 
     def _next_chunk(self) -> tuple[_Job, list[int]] | None:
+        """The next chunk to run: from the job with the fewest chunks in workers,
+        then the one served longest ago, then the oldest."""
         with self._lock:
-            while self._jobs:
-                job = self._jobs[0]
+            for job in self._jobs:
                 if not job.pending:
-                    self._jobs.popleft()
                     job.queued = False
-                    continue
-                keys = job.pending.popleft()
-                self._jobs.rotate(-1)
-                return job, keys
-        return None
+            self._jobs = [job for job in self._jobs if job.queued]
+            if not self._jobs:
+                return None
+            job = min(self._jobs, key=lambda j: (j.running, j.served))
+            keys = self._take_chunk(job)
+            job.running += 1
+            self._dispatches += 1
+            job.served = self._dispatches
+            return job, keys
+
+    def _take_chunk(self, job: _Job) -> list[int]:
+        """Pending keys of ``job`` worth about CHUNK_SECONDS of work (at least one)."""
+        limit = max(1, min(MAX_CHUNK, -(-len(job.items) // (8 * self.size))))
+        keys: list[int] = []
+        budget = CHUNK_SECONDS
+        while job.pending and len(keys) < limit:
+            cost = self._cost.get(item_kind(job.items[job.pending[0]]), CHUNK_SECONDS)
+            if keys and cost > budget:
+                break
+            keys.append(job.pending.popleft())
+            budget -= cost
+        return keys
 
     def _requeue(self, job: _Job, keys: list[int]) -> None:
-        keys = [k for k in keys if job.results[k] is None]
-        if not keys:
-            return
         with self._lock:
-            job.pending.appendleft(keys)
+            keys = [k for k in keys if job.results[k] is None]
+            if not keys:
+                return
+            job.pending.extendleft(reversed(keys))
             if not job.queued:
-                self._jobs.appendleft(job)
+                self._jobs.insert(0, job)
                 job.queued = True
 
     def _assign(self) -> None:
@@ -358,15 +404,29 @@ class WorkerPool:
             if nxt is None:
                 return
             job, keys = nxt
+            w.job, w.keys, w.pos = job, keys, 0
             try:
                 w.conn.send([(key, job.items[key]) for key in keys])
             except (OSError, EOFError, ValueError):
                 # It died while idle: nothing of this chunk has started.
+                self._release(w)
                 self._requeue(job, keys)
                 self._remove(w, replaced=True)
                 continue
-            w.job, w.keys, w.pos = job, keys, 0
-            w.deadline = time.monotonic() + self._hard
+            w.item_started = time.monotonic()
+            w.deadline = w.item_started + self._hard
+
+    def _release(self, w: _Worker) -> None:
+        """``w`` holds no chunk any more."""
+        if w.job is not None:
+            with self._lock:
+                w.job.running -= 1
+        w.job, w.keys, w.pos, w.deadline = None, [], 0, None
+
+    def _measure(self, item: tuple[Any, ...], seconds: float) -> None:
+        kind = item_kind(item)
+        old = self._cost.get(kind)
+        self._cost[kind] = seconds if old is None else old + COST_SMOOTHING * (seconds - old)
 
     def _service(self, w: _Worker) -> None:
         """Read what ``w`` sent; handle its death."""
@@ -397,36 +457,41 @@ class WorkerPool:
             w.ready = True
             self._start_failures = 0
             return
-        key, status, value, message, stats = msg
+        key, status, value, message, stats, seconds = msg
         job = w.job
         if job is None or w.current() != key:
             log.warning("reward worker sent an unexpected result; ignored")
             return
+        now = time.monotonic()
+        self._measure(job.items[key], seconds)
         with self._lock:
             for name, count in zip(("gold_parses", "answer_parses", "verifications", "plugin_calls"), stats):
                 self._stats[name] += int(count)
             self._stats["items"] += 1
             if status == "timeout":
                 self._stats["timeouts"] += 1
-        job.finish(key, ItemResult(status, value, message))
+            job.finish(key, ItemResult(status, value, message))
         w.pos += 1
         if w.pos >= len(w.keys):
-            w.job, w.keys, w.pos, w.deadline = None, [], 0, None
+            self._release(w)
         else:
-            w.deadline = time.monotonic() + self._hard
+            w.item_started = now
+            w.deadline = now + self._hard
 
     def _abort_current(self, w: _Worker, result: ItemResult) -> None:
         job = w.job
         if job is None:
             return
         key = w.current()
+        rest = w.keys[w.pos + 1 :]
+        self._release(w)
         if key is not None:
+            self._measure(job.items[key], time.monotonic() - w.item_started)
             with self._lock:
                 self._stats["items"] += 1
                 self._stats["timeouts" if result.status == "timeout" else "crashes"] += 1
-            job.finish(key, result)
-            self._requeue(job, w.keys[w.pos + 1 :])
-        w.job, w.keys, w.pos, w.deadline = None, [], 0, None
+                job.finish(key, result)
+        self._requeue(job, rest)
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -437,13 +502,11 @@ class WorkerPool:
                 self._service(w)  # a result may have just arrived
                 if w not in self._workers or w.deadline is None or time.monotonic() < w.deadline:
                     continue
-                w.proc.kill()
-                w.proc.join(timeout=5.0)
+                _kill(w.proc)
                 self._abort_current(w, ItemResult("timeout", None, f"timed out after {self.timeout:g} s (worker killed)"))
                 self._remove(w, replaced=True)
             elif not w.ready and now >= w.started + STARTUP_TIMEOUT_S:
-                w.proc.kill()
-                w.proc.join(timeout=5.0)
+                _kill(w.proc)
                 self._start_failures += 1
                 self._last_start_error = f"a reward worker did not start within {STARTUP_TIMEOUT_S:g} s"
                 self._remove(w, replaced=True)
@@ -455,31 +518,50 @@ class WorkerPool:
             w.conn.close()
         except OSError:
             pass
-        if w.proc.is_alive():
-            w.proc.kill()
-            w.proc.join(timeout=5.0)
-        else:
-            w.proc.join(timeout=0)
+        _kill(w.proc)
         if replaced:
             with self._lock:
                 self._stats["workers_replaced"] += 1
 
     def _shutdown(self) -> None:
+        """Fail every job now; stop idle workers with a message, busy ones with SIGTERM, then SIGKILL."""
         with self._lock:
             self._closing = True
-            jobs = list(self._jobs)
+            jobs = list(self._jobs) + [w.job for w in self._workers if w.job is not None]
             self._jobs.clear()
+            for job in jobs:
+                job.fail_all("the reward worker pool was closed")
         for w in self._workers:
-            if w.job is not None:
-                jobs.append(w.job)
+            if w.busy or not w.ready:
+                _signal(w.proc, terminate=True)
+                continue
             try:
                 w.conn.send(None)
             except (OSError, EOFError, ValueError):
-                pass
-        for job in jobs:
-            job.fail_all("the reward worker pool was closed")
-        deadline = time.monotonic() + 2.0
-        for w in self._workers:
-            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+                _signal(w.proc, terminate=True)
+        deadline = time.monotonic() + TERMINATE_GRACE_S
+        alive = [w.proc for w in self._workers]
+        while alive and time.monotonic() < deadline:
+            mp_wait([p.sentinel for p in alive], max(0.0, deadline - time.monotonic()))
+            alive = [p for p in alive if p.exitcode is None]
         for w in list(self._workers):
             self._remove(w, replaced=False)
+
+
+def _signal(proc: Any, *, terminate: bool) -> None:
+    """SIGTERM (or SIGKILL) ``proc`` unless it is gone already."""
+    try:
+        if proc.exitcode is None:
+            proc.terminate() if terminate else proc.kill()
+    except (OSError, ValueError):
+        pass  # already reaped or closed
+
+
+def _kill(proc: Any) -> None:
+    """SIGKILL ``proc`` and reap it (a killed process ends at once unless the
+    kernel holds it, so the wait is bounded)."""
+    _signal(proc, terminate=False)
+    try:
+        proc.join(timeout=1.0)
+    except (OSError, ValueError, AssertionError):
+        pass

@@ -5,8 +5,8 @@ The misbehaving ones act up only on completions that contain a marker, so a
 test can mix good and bad completions in one batch:
 
 * ``sleepy``: sleeps (interruptibly) forever on ``SLEEP``;
-* ``stuck``: blocks SIGALRM, then sleeps forever on ``STUCK`` (only killing
-  the process ends it);
+* ``stuck``: blocks SIGALRM and SIGTERM, then sleeps forever on ``STUCK``
+  (only SIGKILL ends it);
 * ``crashy``: kills its own process with ``os._exit(3)`` on ``CRASH``;
 * ``flaky``: raises on ``RAISE``, returns NaN on ``NAN`` and two values on
   ``TWO``.
@@ -60,7 +60,7 @@ def stuck(completions, answers):
     out = []
     for text in completions:
         if "STUCK" in text:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM})
             while True:
                 time.sleep(3600)
         out.append(1.0)
