@@ -40,14 +40,12 @@ import pickle
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 
 from .. import _convert as cv
 from .._messages import group_sizes_for
 from ..client import MaxEntClient
-from ..errors import MaxEntError
-from ..models import RewardStatistics, WeightStats
+from ..models import RewardFunction, RewardStatistics, Run, UpdateResult, WeightStats
 
 T = TypeVar("T")
 
@@ -108,7 +106,12 @@ class MainProcessClient:
             raise RuntimeError("only the main process talks to the service; use this object's methods")
         if self._client is None:
             source = self._source
-            self._client = MaxEntClient(source, **self._client_kwargs) if isinstance(source, str) else source()
+            if isinstance(source, str):
+                self._client = MaxEntClient(source, **self._client_kwargs)
+            elif isinstance(source, MaxEntClient):
+                self._client = source
+            else:
+                self._client = source()
         return self._client
 
     @property
@@ -150,13 +153,13 @@ class MainProcessClient:
 
     # -- replicated calls: the main process's arguments, the same result everywhere --
 
-    def create_run(self, run_id: str, config: Any = None, **kwargs: Any):
+    def create_run(self, run_id: str, config: Any = None, **kwargs: Any) -> Run:
         return self.call(lambda c: c.create_run(run_id, config, **kwargs))
 
-    def get_run(self, run_id: str, **kwargs: Any):
+    def get_run(self, run_id: str, **kwargs: Any) -> Run:
         return self.call(lambda c: c.get_run(run_id, **kwargs))
 
-    def list_reward_functions(self, **kwargs: Any):
+    def list_reward_functions(self, **kwargs: Any) -> list[RewardFunction]:
         return self.call(lambda c: c.list_reward_functions(**kwargs))
 
     def compute_reward_statistics(self, **kwargs: Any) -> RewardStatistics:
@@ -165,7 +168,7 @@ class MainProcessClient:
     def compute_weight_stats(self, run_id: str, **kwargs: Any) -> WeightStats:
         return self.call(lambda c: c.compute_weight_stats(run_id, **kwargs))
 
-    def update_controller(self, run_id: str, **kwargs: Any):
+    def update_controller(self, run_id: str, **kwargs: Any) -> UpdateResult:
         """One controller step, sent once by the main process; every rank gets
         the resulting state."""
         return self.call(lambda c: c.update_controller(run_id, **kwargs))
@@ -308,10 +311,14 @@ def _slice_weights(stats: WeightStats, g0: int, g1: int, c0: int, c1: int) -> We
     )
 
 
-def _portable(error: Exception) -> tuple:
-    """An error in a form every rank can unpickle and raise again."""
-    if isinstance(error, MaxEntError):
-        return ("maxent", type(error), error.message, error.code.name, error.violations)
+# ("pickled", the error) or ("text", its description)
+_Portable = tuple[str, Any]
+
+
+def _portable(error: Exception) -> _Portable:
+    """An error in a form every rank can unpickle and raise again: the error
+    itself when it survives pickling (a MaxEntError does, with its code,
+    violations, failures, resource and raw status), else its text."""
     try:
         pickle.loads(pickle.dumps(error))
         return ("pickled", error)
@@ -319,11 +326,8 @@ def _portable(error: Exception) -> tuple:
         return ("text", f"{type(error).__name__}: {error}")
 
 
-def _rebuild(portable: tuple) -> Exception:
-    kind = portable[0]
-    if kind == "maxent":
-        _, cls, message, code, violations = portable
-        return cls(message, code=grpc.StatusCode[code], violations=violations)
+def _rebuild(portable: _Portable) -> Exception:
+    kind, value = portable
     if kind == "pickled":
-        return portable[1]
-    return RuntimeError(f"the main process's call to the service failed: {portable[1]}")
+        return value
+    return RuntimeError(f"the main process's call to the service failed: {value}")
