@@ -36,24 +36,39 @@ accelerate and torch are imported on first use.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pickle
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
 from .. import _convert as cv
 from .._messages import group_sizes_for
 from ..client import MaxEntClient
-from ..models import RewardFunction, RewardStatistics, Run, UpdateResult, WeightStats
+from ..models import RewardStatistics, WeightStats
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # Per-completion and per-group inputs of each sharded call.
 _REWARD_PER_COMPLETION = {"utilities": np.float64, "token_counts": np.int64, "truncated": np.bool_,
                           "gen_logp_sum": np.float64}
 _WEIGHT_PER_COMPLETION = {"q_values": np.float64, "ref_logp_sum": np.float64, "ref_token_counts": np.int64,
                           "advantages": np.float64}
+
+
+def _replicated(method: Callable[Concatenate[MaxEntClient, P], T]) -> Callable[Concatenate[MainProcessClient, P], T]:
+    """A MainProcessClient method that makes the client's `method` call on the
+    main process (with the main process's arguments) and returns its result,
+    or raises its error, on every rank. Collective: every rank must call it."""
+
+    @functools.wraps(method)
+    def replicated(self: MainProcessClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self.call(lambda client: method(client, *args, **kwargs))
+
+    replicated.__qualname__ = f"MainProcessClient.{method.__name__}"
+    return replicated
 
 
 class MainProcessClient:
@@ -152,26 +167,16 @@ class MainProcessClient:
         return value
 
     # -- replicated calls: the main process's arguments, the same result everywhere --
+    #
+    # Each takes exactly the arguments of the MaxEntClient method of its name.
 
-    def create_run(self, run_id: str, config: Any = None, **kwargs: Any) -> Run:
-        return self.call(lambda c: c.create_run(run_id, config, **kwargs))
-
-    def get_run(self, run_id: str, **kwargs: Any) -> Run:
-        return self.call(lambda c: c.get_run(run_id, **kwargs))
-
-    def list_reward_functions(self, **kwargs: Any) -> list[RewardFunction]:
-        return self.call(lambda c: c.list_reward_functions(**kwargs))
-
-    def compute_reward_statistics(self, **kwargs: Any) -> RewardStatistics:
-        return self.call(lambda c: c.compute_reward_statistics(**kwargs))
-
-    def compute_weight_stats(self, run_id: str, **kwargs: Any) -> WeightStats:
-        return self.call(lambda c: c.compute_weight_stats(run_id, **kwargs))
-
-    def update_controller(self, run_id: str, **kwargs: Any) -> UpdateResult:
-        """One controller step, sent once by the main process; every rank gets
-        the resulting state."""
-        return self.call(lambda c: c.update_controller(run_id, **kwargs))
+    create_run = _replicated(MaxEntClient.create_run)
+    get_run = _replicated(MaxEntClient.get_run)
+    list_reward_functions = _replicated(MaxEntClient.list_reward_functions)
+    compute_reward_statistics = _replicated(MaxEntClient.compute_reward_statistics)
+    compute_weight_stats = _replicated(MaxEntClient.compute_weight_stats)
+    compute_step_statistics = _replicated(MaxEntClient.compute_step_statistics)
+    update_controller = _replicated(MaxEntClient.update_controller)
 
     # -- sharded calls: each rank's own groups, one call for the gathered batch --
 

@@ -52,7 +52,7 @@ import math
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -67,6 +67,9 @@ from ..models import (
     UpdateResult,
     WeightStats,
 )
+
+if TYPE_CHECKING:
+    from .accelerate import MainProcessClient
 
 #: Dataset columns tried, in order, for each group's gold answer.
 DEFAULT_ANSWER_COLUMNS = ("answer", "solution", "ground_truth", "gold")
@@ -192,7 +195,7 @@ class MaxEntRewardFunction:
         self._target = client if isinstance(client, str) else None
         self._client_kwargs = dict(client_kwargs or {})
         self._client: MaxEntClient | None = None if isinstance(client, str) else client
-        self._main: Any = None
+        self._main: MainProcessClient | None = None
         #: The last call's statistics (this rank's groups) and weight entropy.
         self.last_statistics: RewardStatistics | None = None
         self.last_weight_entropy: float | None = None
@@ -207,7 +210,7 @@ class MaxEntRewardFunction:
             self._client = MaxEntClient(self._target, **self._client_kwargs)
         return self._client
 
-    def _service(self) -> Any:
+    def _service(self) -> MainProcessClient | None:
         """A MainProcessClient when an accelerator with several processes is set."""
         if self.accelerator is None or int(self.accelerator.num_processes) <= 1:
             return None
@@ -458,7 +461,7 @@ class _ControllerCallbackMixin:
         self._target = client if isinstance(client, str) else None
         self._client_kwargs = dict(client_kwargs or {})
         self._client: MaxEntClient | None = None if isinstance(client, str) else client
-        self._main: Any = None
+        self._main: MainProcessClient | None = None
         #: Every update this process sent or received, in order.
         self.updates: list[UpdateResult] = []
 

@@ -301,12 +301,12 @@ class MaxEntGRPOTrainer(GRPOTrainer):
             if local_answers is not None:
                 answers = gather_object(local_answers)[::size]
         options = {**self.step_options, "timeout": self.timeout}
-        stats = self.maxent_service.call(lambda c: c.compute_step_statistics(
+        stats = self.maxent_service.compute_step_statistics(
             self.run_id, utilities=utilities, completions=completions, answers=answers,
             rewards=self.service_rewards or (), group_sizes=np.full(total // size, size, dtype=np.int64),
             token_counts=columns["token_counts"], truncated=columns["truncated"],
             gen_logp_sum=columns.get("gen_logp_sum"), ref_logp_sum=columns["ref_logp_sum"],
-            ref_token_counts=columns["ref_token_counts"], **options))
+            ref_token_counts=columns["ref_token_counts"], **options)
         self.last_statistics = stats
         return stats
 
@@ -488,12 +488,12 @@ class MaxEntGRPOTrainer(GRPOTrainer):
         max_entropy = float(np.mean(self._max_entropies)) if self._max_entropies else None
         self._entropies_used = True
         request_id = controller_request_id(self.run_id, self.job_name, step)
-        # the job's report: pooled with other jobs' on a run with reporters_per_step > 1
-        report = {"reporter_id": controller_reporter_id(self.job_name),
-                  "sample_count": float(self._step_completions) if self._step_completions else None}
         self.last_update = self.maxent_service.update_controller(
             self.run_id, global_step=step, weight_entropy=entropy, measured_kl=kl, request_id=request_id,
-            max_weight_entropy=max_entropy, **report, timeout=self.timeout)
+            max_weight_entropy=max_entropy,
+            # the job's report: pooled with other jobs' on a run with reporters_per_step > 1
+            reporter_id=controller_reporter_id(self.job_name),
+            sample_count=float(self._step_completions) if self._step_completions else None, timeout=self.timeout)
         if kl is not None:
             self._metrics["train"]["maxent/kl"].append(kl)
         return self.last_update
