@@ -63,11 +63,18 @@ def _replicated(method: Callable[Concatenate[MaxEntClient, P], T]) -> Callable[C
     main process (with the main process's arguments) and returns its result,
     or raises its error, on every rank. Collective: every rank must call it."""
 
+    name = method.__name__
+
     @functools.wraps(method)
     def replicated(self: MainProcessClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return self.call(lambda client: method(client, *args, **kwargs))
+        def send(client: MaxEntClient) -> T:
+            # looked up on the instance, so that a wrapper set on the client applies
+            bound: Callable[P, T] = getattr(client, name)
+            return bound(*args, **kwargs)
 
-    replicated.__qualname__ = f"MainProcessClient.{method.__name__}"
+        return self.call(send)
+
+    replicated.__qualname__ = f"MainProcessClient.{name}"
     return replicated
 
 
