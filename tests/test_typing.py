@@ -1,4 +1,4 @@
-"""The client's method signatures reach a type checker: mypy, run on a small
+"""The clients' method signatures reach a type checker: mypy, run on a small
 program, refuses a misspelt keyword and accepts the correct call."""
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ CORRECT = """
     import asyncio
 
     from maxent_client import AsyncMaxEntClient, MaxEntClient, RewardStatistics
+    from maxent_client.integrations.accelerate import MainProcessClient
 
     stats: RewardStatistics = MaxEntClient("127.0.0.1:1").compute_reward_statistics(utilities=[[1.0, 0.0]])
+    shared: RewardStatistics = MainProcessClient("127.0.0.1:1").compute_reward_statistics(utilities=[[1.0, 0.0]])
 
 
     async def score() -> RewardStatistics:
@@ -41,7 +43,6 @@ def mypy(program: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
-@pytest.mark.slow  # two cold mypy runs: about 25 s on a busy machine
 def test_mypy_refuses_an_unexpected_keyword_and_accepts_the_correct_call(tmp_path):
     correct = mypy(CORRECT, tmp_path)
     assert correct.returncode == 0, correct.stdout + correct.stderr
@@ -49,6 +50,6 @@ def test_mypy_refuses_an_unexpected_keyword_and_accepts_the_correct_call(tmp_pat
     misspelt = mypy(MISSPELT, tmp_path)
     assert misspelt.returncode == 1, misspelt.stdout + misspelt.stderr
     errors = misspelt.stdout.splitlines()
-    # one error per call, sync and asyncio, each naming the keyword
-    assert len(errors) == 2, misspelt.stdout
+    # one error per call (sync, Accelerate's main-process client, asyncio), each naming the keyword
+    assert len(errors) == 3, misspelt.stdout
     assert all('Unexpected keyword argument "utilitys"' in line and "[call-arg]" in line for line in errors), errors
