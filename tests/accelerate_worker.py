@@ -16,7 +16,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from maxent_client import NotFoundError, RewardTerm, WeightingConfig
+from maxent_client import MaxEntError, RewardFailurePolicy, RewardTerm, WeightingConfig
 from maxent_client.integrations.accelerate import MainProcessClient
 from maxent_client.integrations.trl import MaxEntRewardFunction
 
@@ -35,6 +35,25 @@ REF_LOGP = [[-4.0, -6.5, -3.0], [-2.0, -9.0], [-1.0, -3.5, -7.0, -2.5]]
 REF_TOKENS = [[4, 5, 3], [2, 6], [1, 3, 7, 2]]
 SHARDS = {0: [0, 1], 1: [2]}
 UPDATE = {"global_step": 1, "measured_kl": 0.05}
+# The test plugin's "flaky" reward raises on completion 1 and gives NaN on completion 2.
+FAILING = {"completions": ["fine", "RAISE here", "NAN"], "group_sizes": [3], "answers": [""],
+           "rewards": [RewardTerm("flaky", 1.0)], "on_failure": RewardFailurePolicy.ERROR}
+
+
+def error_of(call) -> dict | None:
+    """What this rank's copy of the error raised by `call` carries."""
+    try:
+        call()
+    except MaxEntError as exc:
+        return {
+            "type": type(exc).__name__, "code": exc.code.name, "message": exc.message,
+            "violations": [[v.field, v.description] for v in exc.violations],
+            "failures": [[f.type, f.subject, f.description] for f in exc.failures],
+            "resource": None if exc.resource is None else [exc.resource.resource_type, exc.resource.resource_name],
+            "status": {"code": exc.status.code, "message": exc.status.message,
+                       "details": [detail.type_url for detail in exc.status.details]},
+        }
+    return None
 
 
 def main() -> None:
@@ -59,12 +78,12 @@ def main() -> None:
     update = service.update_controller(args.run_id, weight_entropy=weights.weight_entropy, **UPDATE)
     after = service.get_run(args.run_id)
 
-    # an error on the main process reaches every rank as the same exception
-    try:
-        service.get_run(args.run_id + "-missing")
-        error = None
-    except NotFoundError as exc:
-        error = {"type": type(exc).__name__, "code": exc.code.name}
+    # an error on the main process reaches every rank as the same exception, every detail included
+    errors = {
+        "not_found": error_of(lambda: service.get_run(args.run_id + "-missing")),
+        "reward_failed": error_of(lambda: service.compute_reward_statistics(**FAILING)),
+        "invalid": error_of(lambda: service.compute_weight_stats(args.run_id, q_values=[0.5, 0.5], group_sizes=[3])),
+    }
 
     # the TRL reward adapter with the accelerator: rank-local TRL-style inputs
     reward = MaxEntRewardFunction(args.target, rewards=TERMS, num_generations=None, accelerator=accelerator,
@@ -96,7 +115,7 @@ def main() -> None:
         "update": {"request_id": update.request_id, "replayed": update.replayed, "tau": update.state.tau,
                    "beta": update.state.beta, "version": update.state.version},
         "after_version": after.state.version,
-        "error": error,
+        "errors": errors,
         "adapter_values": values,
         "adapter_weight_entropy": logged.get("maxent/weight_entropy"),
     }

@@ -88,8 +88,21 @@ def test_two_cpu_processes_share_one_service_call_per_step(server, tmp_path, run
     assert main["update"]["beta"] == pytest.approx(update.state.beta, abs=1e-12)
     np.testing.assert_allclose(main["adapter_values"] + other["adapter_values"], stats.total_utils, atol=1e-12)
 
-    # an error on the main process was raised on every rank
-    assert main["error"] == other["error"] == {"type": "NotFoundError", "code": "NOT_FOUND"}
+    # an error on the main process was raised on every rank, with every detail the server attached
+    assert main["errors"] == other["errors"]
+    errors = other["errors"]
+    assert errors["not_found"]["type"] == "NotFoundError" and errors["not_found"]["code"] == "NOT_FOUND"
+    assert errors["not_found"]["resource"] == ["maxent.v1.Run", run_id + "-missing"]
+    assert errors["not_found"]["status"]["details"] == ["type.googleapis.com/google.rpc.ResourceInfo"]
+    failed = errors["reward_failed"]
+    assert failed["type"] == "RewardFailedError" and failed["code"] == "FAILED_PRECONDITION"
+    assert [f[1] for f in failed["failures"]] == ["rewards[0] (flaky) completion 1", "rewards[0] (flaky) completion 2"]
+    assert all(f[0] == "REWARD_FAILED" for f in failed["failures"])
+    assert failed["status"]["code"] == 9 and "type.googleapis.com/google.rpc.PreconditionFailure" in (
+        failed["status"]["details"])
+    invalid = errors["invalid"]
+    assert invalid["type"] == "InvalidArgumentError" and invalid["violations"]
+    assert invalid["status"]["message"] == invalid["message"]
 
 
 def test_single_process_calls_the_service_directly(client, run_id):

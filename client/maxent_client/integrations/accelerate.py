@@ -36,26 +36,46 @@ accelerate and torch are imported on first use.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pickle
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import grpc
 import numpy as np
 
 from .. import _convert as cv
 from .._messages import group_sizes_for
 from ..client import MaxEntClient
-from ..errors import MaxEntError
 from ..models import RewardStatistics, WeightStats
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # Per-completion and per-group inputs of each sharded call.
 _REWARD_PER_COMPLETION = {"utilities": np.float64, "token_counts": np.int64, "truncated": np.bool_,
                           "gen_logp_sum": np.float64}
 _WEIGHT_PER_COMPLETION = {"q_values": np.float64, "ref_logp_sum": np.float64, "ref_token_counts": np.int64,
                           "advantages": np.float64}
+
+
+def _replicated(method: Callable[Concatenate[MaxEntClient, P], T]) -> Callable[Concatenate[MainProcessClient, P], T]:
+    """A MainProcessClient method that makes the client's `method` call on the
+    main process (with the main process's arguments) and returns its result,
+    or raises its error, on every rank. Collective: every rank must call it."""
+
+    name = method.__name__
+
+    @functools.wraps(method)
+    def replicated(self: MainProcessClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        def send(client: MaxEntClient) -> T:
+            # looked up on the instance, so that a wrapper set on the client applies
+            bound: Callable[P, T] = getattr(client, name)
+            return bound(*args, **kwargs)
+
+        return self.call(send)
+
+    replicated.__qualname__ = f"MainProcessClient.{name}"
+    return replicated
 
 
 class MainProcessClient:
@@ -108,7 +128,12 @@ class MainProcessClient:
             raise RuntimeError("only the main process talks to the service; use this object's methods")
         if self._client is None:
             source = self._source
-            self._client = MaxEntClient(source, **self._client_kwargs) if isinstance(source, str) else source()
+            if isinstance(source, str):
+                self._client = MaxEntClient(source, **self._client_kwargs)
+            elif isinstance(source, MaxEntClient):
+                self._client = source
+            else:
+                self._client = source()
         return self._client
 
     @property
@@ -149,26 +174,16 @@ class MainProcessClient:
         return value
 
     # -- replicated calls: the main process's arguments, the same result everywhere --
+    #
+    # Each takes exactly the arguments of the MaxEntClient method of its name.
 
-    def create_run(self, run_id: str, config: Any = None, **kwargs: Any):
-        return self.call(lambda c: c.create_run(run_id, config, **kwargs))
-
-    def get_run(self, run_id: str, **kwargs: Any):
-        return self.call(lambda c: c.get_run(run_id, **kwargs))
-
-    def list_reward_functions(self, **kwargs: Any):
-        return self.call(lambda c: c.list_reward_functions(**kwargs))
-
-    def compute_reward_statistics(self, **kwargs: Any) -> RewardStatistics:
-        return self.call(lambda c: c.compute_reward_statistics(**kwargs))
-
-    def compute_weight_stats(self, run_id: str, **kwargs: Any) -> WeightStats:
-        return self.call(lambda c: c.compute_weight_stats(run_id, **kwargs))
-
-    def update_controller(self, run_id: str, **kwargs: Any):
-        """One controller step, sent once by the main process; every rank gets
-        the resulting state."""
-        return self.call(lambda c: c.update_controller(run_id, **kwargs))
+    create_run = _replicated(MaxEntClient.create_run)
+    get_run = _replicated(MaxEntClient.get_run)
+    list_reward_functions = _replicated(MaxEntClient.list_reward_functions)
+    compute_reward_statistics = _replicated(MaxEntClient.compute_reward_statistics)
+    compute_weight_stats = _replicated(MaxEntClient.compute_weight_stats)
+    compute_step_statistics = _replicated(MaxEntClient.compute_step_statistics)
+    update_controller = _replicated(MaxEntClient.update_controller)
 
     # -- sharded calls: each rank's own groups, one call for the gathered batch --
 
@@ -308,10 +323,14 @@ def _slice_weights(stats: WeightStats, g0: int, g1: int, c0: int, c1: int) -> We
     )
 
 
-def _portable(error: Exception) -> tuple:
-    """An error in a form every rank can unpickle and raise again."""
-    if isinstance(error, MaxEntError):
-        return ("maxent", type(error), error.message, error.code.name, error.violations)
+# ("pickled", the error) or ("text", its description)
+_Portable = tuple[str, Any]
+
+
+def _portable(error: Exception) -> _Portable:
+    """An error in a form every rank can unpickle and raise again: the error
+    itself when it survives pickling (a MaxEntError does, with its code,
+    violations, failures, resource and raw status), else its text."""
     try:
         pickle.loads(pickle.dumps(error))
         return ("pickled", error)
@@ -319,11 +338,8 @@ def _portable(error: Exception) -> tuple:
         return ("text", f"{type(error).__name__}: {error}")
 
 
-def _rebuild(portable: tuple) -> Exception:
-    kind = portable[0]
-    if kind == "maxent":
-        _, cls, message, code, violations = portable
-        return cls(message, code=grpc.StatusCode[code], violations=violations)
+def _rebuild(portable: _Portable) -> Exception:
+    kind, value = portable
     if kind == "pickled":
-        return portable[1]
-    return RuntimeError(f"the main process's call to the service failed: {portable[1]}")
+        return value
+    return RuntimeError(f"the main process's call to the service failed: {value}")

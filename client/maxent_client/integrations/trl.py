@@ -52,13 +52,24 @@ import math
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
 from ..client import MaxEntClient
 from ..errors import InvalidArgumentError
-from ..models import ControllerState, FailurePolicy, RewardStatistics, RewardTerm, SeedGrpo, UpdateResult
+from ..models import (
+    ControllerState,
+    FailurePolicy,
+    RewardStatistics,
+    RewardTerm,
+    SeedGrpo,
+    UpdateResult,
+    WeightStats,
+)
+
+if TYPE_CHECKING:
+    from .accelerate import MainProcessClient
 
 #: Dataset columns tried, in order, for each group's gold answer.
 DEFAULT_ANSWER_COLUMNS = ("answer", "solution", "ground_truth", "gold")
@@ -71,6 +82,33 @@ SCOPED_ENTROPY_KEY = "maxent/controller_weight_entropy"
 
 # Keyword arguments TRL adds for every reward function that are not dataset columns.
 _TRL_KWARGS = {"trainer_state", "log_extra", "log_metric", "environments", "completion_ids"}
+
+
+class _RewardOptions(TypedDict):
+    """The compute_reward_statistics options a MaxEntRewardFunction sends
+    with every batch (None: the service's default)."""
+
+    max_completion_len: int | None
+    zero_truncated_completion_rewards: bool | None
+    scale_rewards: bool | str | None
+    advantage_baseline: str | None
+    q_temperature: float | None
+    seed_grpo: SeedGrpo | bool | None
+    on_failure: FailurePolicy | None
+
+
+class _UpdateArguments(TypedDict):
+    """The update_controller keyword arguments of one logging step."""
+
+    global_step: int
+    weight_entropy: float | None
+    measured_kl: float | None
+    max_weight_entropy: float | None
+    request_id: str
+    reporter_id: str
+    lr_scale: float | None
+    sample_count: float | None
+    timeout: float | None
 
 
 class MaxEntRewardFunction:
@@ -145,7 +183,7 @@ class MaxEntRewardFunction:
         self.log_metrics = log_metrics
         self.timeout = timeout
         self.accelerator = accelerator
-        self._options = {
+        self._options: _RewardOptions = {
             "max_completion_len": max_completion_len,
             "zero_truncated_completion_rewards": zero_truncated_completion_rewards,
             "scale_rewards": scale_rewards,
@@ -157,7 +195,7 @@ class MaxEntRewardFunction:
         self._target = client if isinstance(client, str) else None
         self._client_kwargs = dict(client_kwargs or {})
         self._client: MaxEntClient | None = None if isinstance(client, str) else client
-        self._main: Any = None
+        self._main: MainProcessClient | None = None
         #: The last call's statistics (this rank's groups) and weight entropy.
         self.last_statistics: RewardStatistics | None = None
         self.last_weight_entropy: float | None = None
@@ -168,10 +206,11 @@ class MaxEntRewardFunction:
 
     def _get_client(self) -> MaxEntClient:
         if self._client is None:
+            assert self._target is not None  # only a client built from a target is ever unset
             self._client = MaxEntClient(self._target, **self._client_kwargs)
         return self._client
 
-    def _service(self) -> Any:
+    def _service(self) -> MainProcessClient | None:
         """A MainProcessClient when an accelerator with several processes is set."""
         if self.accelerator is None or int(self.accelerator.num_processes) <= 1:
             return None
@@ -208,25 +247,19 @@ class MaxEntRewardFunction:
         sizes = group_sizes(prompts, self.num_generations)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int) if sizes else np.zeros(0, int)
         answers = self._answers(kwargs, starts)
-        request: dict[str, Any] = {"completions": texts, "group_sizes": sizes}
-        if answers is not None:
-            request["answers"] = answers
         ids = kwargs.get("completion_ids")
-        if self.send_token_counts and ids is not None and len(ids) == n:
-            request["token_counts"] = [len(x) for x in ids]
-        options = {k: v for k, v in self._options.items() if v is not None}
-        options["rewards"] = self.rewards
-        if self.run_id:
-            options["run_id"] = self.run_id
-        if self.timeout is not None:
-            options["timeout"] = self.timeout
+        token_counts = [len(x) for x in ids] if self.send_token_counts and ids is not None and len(ids) == n else None
 
         service = self._service()
         try:
             if service is not None:
-                stats = service.compute_reward_statistics_sharded(**request, **options)
+                stats = service.compute_reward_statistics_sharded(
+                    completions=texts, group_sizes=sizes, answers=answers, token_counts=token_counts,
+                    rewards=self.rewards, run_id=self.run_id, timeout=self.timeout, **self._options)
             else:
-                stats = self._get_client().compute_reward_statistics(**request, **options)
+                stats = self._get_client().compute_reward_statistics(
+                    completions=texts, group_sizes=sizes, answers=answers, token_counts=token_counts,
+                    rewards=self.rewards, run_id=self.run_id, timeout=self.timeout, **self._options)
         except InvalidArgumentError as error:
             if answers is None and any(v.field == "answers" for v in error.violations):
                 names = ", ".join(term.name for term in self.rewards)
@@ -238,16 +271,16 @@ class MaxEntRewardFunction:
         self.calls += 1
         self.last_statistics = stats
 
-        weights = None
+        weights: WeightStats | None = None
         if self.output == "weights" or self.log_weight_entropy:
-            weight_args = {"q_values": stats.q_values, "group_sizes": stats.group_sizes,
-                           "include_reference_term": False}
-            if self.timeout is not None:
-                weight_args["timeout"] = self.timeout
             if service is not None:
-                weights = service.compute_weight_stats_sharded(self.run_id, **weight_args)
+                weights = service.compute_weight_stats_sharded(
+                    self.run_id, q_values=stats.q_values, group_sizes=stats.group_sizes,
+                    include_reference_term=False, timeout=self.timeout)
             else:
-                weights = self._get_client().compute_weight_stats(self.run_id, **weight_args)
+                weights = self._get_client().compute_weight_stats(
+                    self.run_id, q_values=stats.q_values, group_sizes=stats.group_sizes,
+                    include_reference_term=False, timeout=self.timeout)
             self.last_weight_entropy = weights.weight_entropy
 
         log_metric = kwargs.get("log_metric")
@@ -259,6 +292,7 @@ class MaxEntRewardFunction:
         elif self.output == "advantages":
             values = stats.advantages
         else:
+            assert weights is not None  # output="weights" always computes them
             values = weights.weights
         failed = stats.failed if len(stats.failed) == n else np.zeros(n, dtype=bool)
         # A completion whose every reward failed (excluded by the service) is
@@ -285,7 +319,8 @@ class MaxEntRewardFunction:
             return ["" if a is None else a for a in answers]
         return None
 
-    def _log(self, log_metric: Callable[[str, float], None], stats: RewardStatistics, weights: Any) -> None:
+    def _log(self, log_metric: Callable[[str, float], None], stats: RewardStatistics,
+             weights: WeightStats | None) -> None:
         prefix = "maxent/"
         log_metric(prefix + "reward_mean", float(stats.reward_mean))
         log_metric(prefix + "reward_std", float(stats.reward_std))
@@ -426,7 +461,7 @@ class _ControllerCallbackMixin:
         self._target = client if isinstance(client, str) else None
         self._client_kwargs = dict(client_kwargs or {})
         self._client: MaxEntClient | None = None if isinstance(client, str) else client
-        self._main: Any = None
+        self._main: MainProcessClient | None = None
         #: Every update this process sent or received, in order.
         self.updates: list[UpdateResult] = []
 
@@ -436,6 +471,7 @@ class _ControllerCallbackMixin:
 
     def _get_client(self) -> MaxEntClient:
         if self._client is None:
+            assert self._target is not None  # only a client built from a target is ever unset
             self._client = MaxEntClient(self._target, **self._client_kwargs)
         return self._client
 
@@ -450,23 +486,30 @@ class _ControllerCallbackMixin:
             return None
         return entropy, kl
 
+    def _lr_scale(self, step: int) -> float | None:
+        if self.lr_scale is None:
+            return None
+        return float(self.lr_scale(step) if callable(self.lr_scale) else self.lr_scale)
+
+    def _sample_count(self, logs: dict[str, Any]) -> float | None:
+        if self.sample_count_key is None:
+            return None
+        count = _finite(logs.get(self.sample_count_key))
+        return count if count is not None and count > 0 else None
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         measured = self.measurements(logs)
-        if measured is None:
+        if measured is None or logs is None:
             return control
         entropy, kl = measured
         step = int(state.global_step)
-        update_args = {"global_step": step, "weight_entropy": entropy, "measured_kl": kl,
-                       "max_weight_entropy": _finite(logs.get("maxent/max_weight_entropy")),
-                       # one id per job and step: a repeated log of a step is a replay, not a second update
-                       "request_id": f"{self.request_id_prefix}:{step}", "reporter_id": self.reporter_id}
-        if self.lr_scale is not None:
-            update_args["lr_scale"] = float(self.lr_scale(step) if callable(self.lr_scale) else self.lr_scale)
-        if self.sample_count_key is not None:
-            count = _finite(logs.get(self.sample_count_key))
-            update_args["sample_count"] = count if count is not None and count > 0 else None
-        if self.timeout is not None:
-            update_args["timeout"] = self.timeout
+        update_args: _UpdateArguments = {
+            "global_step": step, "weight_entropy": entropy, "measured_kl": kl,
+            "max_weight_entropy": _finite(logs.get("maxent/max_weight_entropy")),
+            # one id per job and step: a repeated log of a step is a replay, not a second update
+            "request_id": f"{self.request_id_prefix}:{step}", "reporter_id": self.reporter_id,
+            "lr_scale": self._lr_scale(step), "sample_count": self._sample_count(logs), "timeout": self.timeout,
+        }
         if self.accelerator is not None and int(self.accelerator.num_processes) > 1:
             if self._main is None:
                 from .accelerate import MainProcessClient

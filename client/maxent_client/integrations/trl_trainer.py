@@ -46,7 +46,7 @@ import warnings
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -80,6 +80,14 @@ _INTEGER_FIELDS = {"token_counts": np.int64, "ref_token_counts": np.int64, "trun
 # Optional model inputs that TRL's forward passes take from a batch.
 _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                  "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+class _ClipOptions(TypedDict):
+    """The clip term's options of listwise_maxent_loss."""
+
+    clip_coef: float
+    epsilon_low: float
+    epsilon_high: float | None
 
 
 @dataclass
@@ -190,6 +198,9 @@ class MaxEntGRPOTrainer(GRPOTrainer):
     policy's log-probs stand in for the reference, with a warning.
     """
 
+    # GRPOTrainer's buffer of the generation batch's micro-batches (None until the first)
+    _buffered_inputs: list[dict[str, Any]] | None
+
     def __init__(
         self,
         model: Any,
@@ -225,7 +236,8 @@ class MaxEntGRPOTrainer(GRPOTrainer):
         self.job_name = job_name or default_job_name(self.args.output_dir, run_id)
         self.length_normalize_policy = length_normalize_policy
         self.skip_zero_variance_groups = skip_zero_variance_groups
-        self.clip = {"clip_coef": clip_coef, "epsilon_low": clip_epsilon_low, "epsilon_high": clip_epsilon_high}
+        self.clip: _ClipOptions = {"clip_coef": clip_coef, "epsilon_low": clip_epsilon_low,
+                                   "epsilon_high": clip_epsilon_high}
         self.answer_columns = tuple(answer_columns)
         self.step_options = {"scale_rewards": self.scale_rewards, **step_options}
         self.timeout = timeout
@@ -245,7 +257,8 @@ class MaxEntGRPOTrainer(GRPOTrainer):
 
     # -- generation and the service's statistics ---------------------------------------
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+    def _calculate_rewards(self, inputs: list[dict[str, Any]], prompts: list[Any], completions: list[Any],
+                           completion_ids_list: list[list[int]]) -> torch.Tensor:
         lengths = [len(ids) for ids in completion_ids_list]
         if self.service_rewards is not None:
             self._rollout = _Rollout(inputs, list(completions), lengths, None)
@@ -257,9 +270,11 @@ class MaxEntGRPOTrainer(GRPOTrainer):
         self._rollout = _Rollout(inputs, list(completions), lengths, utilities)
         return rewards
 
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output: dict[str, Any] = super()._generate_and_score_completions(inputs)
         rollout, self._rollout = self._rollout, None
+        if rollout is None:  # GRPOTrainer scores every generation batch through _calculate_rewards
+            raise RuntimeError("GRPOTrainer generated a batch without calling _calculate_rewards")
         mode = "train" if self.model.training else "eval"
         reference = self._reference_token_logps(output)
         stats = self._step_statistics(output, reference, rollout, mode)
@@ -267,28 +282,36 @@ class MaxEntGRPOTrainer(GRPOTrainer):
         self._log_statistics(mode, stats)
         return output
 
-    def _step_statistics(self, output, reference, rollout, mode) -> StepStatistics:
+    def _step_statistics(self, output: dict[str, Any], reference: torch.Tensor, rollout: _Rollout,
+                         mode: str) -> StepStatistics:
         """One ComputeStepStatistics call for the whole batch (every rank's rows)."""
-        request = self._gathered_columns(output, reference, rollout)
+        columns = self._gathered_columns(output, reference, rollout)
         size = self.num_generations if mode == "train" else self.num_generations_eval
-        total = len(request["token_counts"])
+        total = len(columns["token_counts"])
         if total % size:
             raise ValueError(f"{total} completions do not make groups of num_generations={size}")
-        request["group_sizes"] = np.full(total // size, size, dtype=np.int64)
+        utilities: np.ndarray | None = None
+        completions: list[str] | None = None
+        answers: list[str] | None = None
         if rollout.utilities is not None:
-            request["utilities"] = rollout.utilities.double().cpu().numpy()
+            utilities = rollout.utilities.double().cpu().numpy()
         else:
-            request["completions"] = gather_object([completion_text(c) for c in rollout.completions])
-            request["rewards"] = self.service_rewards
-            answers = self._answers(rollout.inputs)
-            if answers is not None:
-                request["answers"] = gather_object(answers)[::size]
+            completions = gather_object([completion_text(c) for c in rollout.completions])
+            local_answers = self._answers(rollout.inputs)
+            if local_answers is not None:
+                answers = gather_object(local_answers)[::size]
         options = {**self.step_options, "timeout": self.timeout}
-        stats = self.maxent_service.call(lambda c: c.compute_step_statistics(self.run_id, **request, **options))
+        stats = self.maxent_service.compute_step_statistics(
+            self.run_id, utilities=utilities, completions=completions, answers=answers,
+            rewards=self.service_rewards or (), group_sizes=np.full(total // size, size, dtype=np.int64),
+            token_counts=columns["token_counts"], truncated=columns["truncated"],
+            gen_logp_sum=columns.get("gen_logp_sum"), ref_logp_sum=columns["ref_logp_sum"],
+            ref_token_counts=columns["ref_token_counts"], **options)
         self.last_statistics = stats
         return stats
 
-    def _gathered_columns(self, output, reference, rollout) -> dict[str, np.ndarray]:
+    def _gathered_columns(self, output: dict[str, Any], reference: torch.Tensor,
+                          rollout: _Rollout) -> dict[str, np.ndarray]:
         """Per-completion numbers of every rank, gathered in one collective."""
         mask = _loss_mask(output)
         device = mask.device
@@ -316,7 +339,7 @@ class MaxEntGRPOTrainer(GRPOTrainer):
                 return ["" if row.get(column) is None else _as_text(row[column]) for row in inputs]
         return None
 
-    def _reference_token_logps(self, output) -> torch.Tensor:
+    def _reference_token_logps(self, output: dict[str, Any]) -> torch.Tensor:
         """The reference model's token log-probs, or the behaviour policy's in its place."""
         if output.get("ref_per_token_logps") is not None:
             return output["ref_per_token_logps"]
@@ -330,7 +353,7 @@ class MaxEntGRPOTrainer(GRPOTrainer):
         return old if old is not None else self._token_logps(self.model, output)
 
     @torch.no_grad()
-    def _token_logps(self, model, batch) -> torch.Tensor:
+    def _token_logps(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         extra = {key: batch[key] for key in _FORWARD_KEYS if batch.get(key) is not None}
@@ -339,7 +362,7 @@ class MaxEntGRPOTrainer(GRPOTrainer):
             batch_size=self.args.per_device_train_batch_size, **extra)
         return logps
 
-    def _attach(self, output, stats: StepStatistics, reference: torch.Tensor) -> None:
+    def _attach(self, output: dict[str, Any], stats: StepStatistics, reference: torch.Tensor) -> None:
         """This rank's rows of the statistics, into the batch the loss reads."""
         rows = len(output["completion_ids"])
         local = slice(self.accelerator.process_index * rows, (self.accelerator.process_index + 1) * rows)
@@ -390,7 +413,7 @@ class MaxEntGRPOTrainer(GRPOTrainer):
 
     # -- micro-batches of whole groups ------------------------------------------------
 
-    def _prepare_inputs(self, generation_batch):
+    def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
         if self.objective != "maxent" or not self.model.training:
             return super()._prepare_inputs(generation_batch)
         steps = self.args.steps_per_generation
@@ -402,13 +425,13 @@ class MaxEntGRPOTrainer(GRPOTrainer):
 
     # -- the loss ---------------------------------------------------------------------
 
-    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+    def _get_per_token_logps_and_entropies(self, model: Any, *args: Any, **kwargs: Any) -> Any:
         result = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         if torch.is_grad_enabled():  # the policy pass of a loss; no_grad passes are old/reference ones
             self._policy_logps = result[0].detach()
         return result
 
-    def _compute_loss(self, model, inputs):
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         if self.objective == "maxent":
             loss = self._maxent_loss(model, inputs)
         else:
@@ -420,7 +443,7 @@ class MaxEntGRPOTrainer(GRPOTrainer):
         self._policy_logps = None
         return loss
 
-    def _maxent_loss(self, model, inputs) -> torch.Tensor:
+    def _maxent_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """The listwise MaxEnt loss of a micro-batch of whole groups, scaled so
         that the step's gradient is that of the mean over all its active groups."""
         mask = _loss_mask(inputs)
@@ -465,12 +488,12 @@ class MaxEntGRPOTrainer(GRPOTrainer):
         max_entropy = float(np.mean(self._max_entropies)) if self._max_entropies else None
         self._entropies_used = True
         request_id = controller_request_id(self.run_id, self.job_name, step)
-        # the job's report: pooled with other jobs' on a run with reporters_per_step > 1
-        report = {"reporter_id": controller_reporter_id(self.job_name),
-                  "sample_count": float(self._step_completions) if self._step_completions else None}
         self.last_update = self.maxent_service.update_controller(
             self.run_id, global_step=step, weight_entropy=entropy, measured_kl=kl, request_id=request_id,
-            max_weight_entropy=max_entropy, **report, timeout=self.timeout)
+            max_weight_entropy=max_entropy,
+            # the job's report: pooled with other jobs' on a run with reporters_per_step > 1
+            reporter_id=controller_reporter_id(self.job_name),
+            sample_count=float(self._step_completions) if self._step_completions else None, timeout=self.timeout)
         if kl is not None:
             self._metrics["train"]["maxent/kl"].append(kl)
         return self.last_update
