@@ -64,7 +64,10 @@ def test_exclude_policy_leaves_failed_completions_out(client):
     np.testing.assert_array_equal(stats.failed, [False, True, False, False, True, False])
     values = stats.per_reward["flaky"]
     assert values.failure_count == 2 and values.timeout_count == 0 and np.isnan(values.values[[1, 4]]).all()
-    want = ref.reward_statistics([4, 2], list(stats.total_utils), valid=[True, False, True, True, False, True])
+    # A left-out completion has no utility: NaN, never a zero reward.
+    assert np.isnan(stats.total_utils[[1, 4]]).all() and np.isfinite(stats.total_utils[[0, 2, 3, 5]]).all()
+    want = ref.reward_statistics([4, 2], list(np.nan_to_num(stats.total_utils)),
+                                 valid=[True, False, True, True, False, True])
     assert stats.advantages[1] == 0.0 and stats.q_values[1] == 0.0 and stats.q_values[4] == 0.0
     np.testing.assert_allclose(stats.advantages, want.advantages, atol=1e-9)
     np.testing.assert_allclose(stats.q_values, want.q_values, atol=1e-12)

@@ -15,6 +15,7 @@ from maxent_client import (
     AsyncMaxEntClient,
     InvalidArgumentError,
     NotFoundError,
+    RewardFailurePolicy,
     RewardTerm,
     WeightingConfig,
 )
@@ -77,6 +78,22 @@ def test_step_with_reward_terms_and_the_grpo_objective(client, run_id):
     assert step.zero_variance_groups.tolist() == [False, True]
     assert step.per_reward["boxed_accuracy"].values.tolist() == [1.0, 0.0, 1.0, 1.0]
     assert step.weight_entropy == 0.0
+
+
+def test_excluded_completions_have_no_utility(client, run_id):
+    client.create_run(run_id, WeightingConfig(tau=0.5, beta=0.1))
+    step = client.compute_step_statistics(run_id, completions=["fine", "RAISE here", "fine too", "ok"],
+                                          answers=["", ""], group_sizes=[2, 2], rewards=[RewardTerm("flaky", 1.0)],
+                                          ref_logp_sum=[-3.0, -2.0, -1.0, -2.5], ref_token_counts=[5, 5, 5, 5])
+    assert step.failed.tolist() == [False, True, False, False]
+    assert np.isnan(step.total_utils[1]) and np.isfinite(step.total_utils[[0, 2, 3]]).all()
+    assert step.q_values[1] == 0.0 and step.advantages[1] == 0.0 and step.weights[1] < 1e-12
+    assert np.isfinite(step.weights).all() and np.isfinite(step.advantages).all()
+    zero = client.compute_step_statistics(run_id, completions=["fine", "RAISE here", "fine too", "ok"],
+                                          answers=["", ""], group_sizes=[2, 2], rewards=[RewardTerm("flaky", 1.0)],
+                                          ref_logp_sum=[-3.0, -2.0, -1.0, -2.5], ref_token_counts=[5, 5, 5, 5],
+                                          on_failure=RewardFailurePolicy.ZERO)
+    assert zero.total_utils[1] == 0.0 and zero.failed[1]
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none", True, False])

@@ -249,6 +249,7 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         arrays = _reward_arrays(stats, failed)
         _check_result("reward statistic", _reward_input_names(request), reward_mean=stats.reward_mean,
                       reward_std=stats.reward_std, **arrays)
+        _mark_excluded(arrays, valid)
         response = pb.ComputeRewardStatisticsResponse(
             per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std
         )
@@ -273,6 +274,7 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         scalars = _weight_scalars(weights, record)
         _check_result("step statistic", _reward_input_names(request) + ", ref_logp_sum and the run's tau and beta",
                       reward_mean=stats.reward_mean, reward_std=stats.reward_std, **scalars, **arrays)
+        _mark_excluded(arrays, valid)
         wanted = set(request.read_mask.paths) if request.HasField("read_mask") else None
         if wanted is not None:
             arrays = {name: values for name, values in arrays.items() if name in wanted}
@@ -486,6 +488,14 @@ def _reward_arrays(stats, failed) -> dict[str, Any]:
         failed=failed,
         zero_variance_groups=stats.zero_variance_groups,
     )
+
+
+def _mark_excluded(arrays: dict[str, Any], valid: np.ndarray | None) -> None:
+    """Under the EXCLUDE policy a failed completion has no utility: NaN in
+    `total_utils`, so it cannot be read as a zero reward. Done after the
+    finiteness guard, which checks what was computed."""
+    if valid is not None and not valid.all():
+        arrays["total_utils"] = np.where(valid, arrays["total_utils"], np.nan)
 
 
 def _weight_scalars(stats, record: RunRecord) -> dict[str, Any]:

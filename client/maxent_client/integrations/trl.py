@@ -288,7 +288,7 @@ class MaxEntRewardFunction:
             self._log(log_metric, stats, weights)
 
         if self.output == "utilities":
-            values = stats.total_utils
+            values = self._scored_utilities(stats)
         elif self.output == "advantages":
             values = stats.advantages
         else:
@@ -299,6 +299,21 @@ class MaxEntRewardFunction:
         # None: TRL then treats it as unscored rather than as reward 0.
         return [None if (bad and self._all_failed(stats, i)) or not math.isfinite(v) else float(v)
                 for i, (v, bad) in enumerate(zip(values.tolist(), failed.tolist()))]
+
+    def _scored_utilities(self, stats: RewardStatistics) -> np.ndarray:
+        """The service's utilities. Where it left a completion out (NaN) but
+        some of its rewards scored, the weighted sum of those, as TRL sums its
+        reward functions; a completion no reward scored becomes None below."""
+        values = np.array(stats.total_utils, dtype=np.float64)
+        missing = np.isnan(values)
+        if missing.any():
+            partial = np.zeros_like(values)
+            for term in self.rewards:
+                scored = stats.per_reward.get(term.name)
+                if scored is not None and len(scored.values) == len(values):
+                    partial += term.weight * np.nan_to_num(scored.values, nan=0.0)
+            values[missing] = partial[missing]
+        return values
 
     def _all_failed(self, stats: RewardStatistics, i: int) -> bool:
         if self._options["on_failure"] not in (None, FailurePolicy.EXCLUDE):

@@ -67,7 +67,8 @@ class _RewardFailurePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_R
     """Not set: the same as REWARD_FAILURE_POLICY_EXCLUDE."""
     REWARD_FAILURE_POLICY_EXCLUDE: _RewardFailurePolicy.ValueType  # 1
     """The failed completion gets advantage 0 and q 0, and is left out of its
-    group's mean, standard deviation and softmax.
+    group's mean, standard deviation and softmax; its total utility is NaN
+    (it has none), so it is never mistaken for a zero reward.
     """
     REWARD_FAILURE_POLICY_ZERO: _RewardFailurePolicy.ValueType  # 2
     """The failed reward value counts as 0.0; the completion stays marked failed."""
@@ -81,7 +82,8 @@ REWARD_FAILURE_POLICY_UNSPECIFIED: RewardFailurePolicy.ValueType  # 0
 """Not set: the same as REWARD_FAILURE_POLICY_EXCLUDE."""
 REWARD_FAILURE_POLICY_EXCLUDE: RewardFailurePolicy.ValueType  # 1
 """The failed completion gets advantage 0 and q 0, and is left out of its
-group's mean, standard deviation and softmax.
+group's mean, standard deviation and softmax; its total utility is NaN
+(it has none), so it is never mistaken for a zero reward.
 """
 REWARD_FAILURE_POLICY_ZERO: RewardFailurePolicy.ValueType  # 2
 """The failed reward value counts as 0.0; the completion stays marked failed."""
@@ -1034,7 +1036,9 @@ class ComputeRewardStatisticsResponse(_message.Message):
     """Population standard deviation of the utilities (0 for an empty batch)."""
     @_builtins.property
     def total_utils(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Utility u_i per completion (after truncation zeroing)."""
+        """Utility u_i per completion (after truncation zeroing); NaN for a
+        completion left out under REWARD_FAILURE_POLICY_EXCLUDE.
+        """
 
     @_builtins.property
     def per_reward(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardValues]:
@@ -1811,7 +1815,9 @@ class ComputeStepStatisticsResponse(_message.Message):
     """See ComputeWeightStatsResponse.controller_max_weight_entropy."""
     @_builtins.property
     def total_utils(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Utility u_i per completion (after truncation zeroing)."""
+        """Utility u_i per completion (after truncation zeroing); NaN for a
+        completion left out under REWARD_FAILURE_POLICY_EXCLUDE.
+        """
 
     @_builtins.property
     def per_reward(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardValues]:
