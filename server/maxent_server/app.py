@@ -19,7 +19,7 @@ from maxent_api import SERVICE_NAME
 
 from .auth import Authorizer, TokenFileError
 from .engine import Engine
-from .interceptor import CallInterceptor
+from .edge import Admission, EdgeInterceptor
 from .metrics import Metrics, MetricsServer
 from .service import MaxEntServicer, add_to_server
 from .store import StoreError, open_store
@@ -62,6 +62,11 @@ class ServerSettings:
     tls_key: str = ""
     tls_client_ca: str = ""
     access_log: bool = True
+    # Admission (maxent_server.edge.admission): MaxEntService calls served at
+    # once, and the memory budget their estimated costs share (MiB); a call
+    # over either gets RESOURCE_EXHAUSTED, never a queue.
+    max_concurrent_rpcs: int = 64
+    max_inflight_mb: int = 2048
 
 
 class ConfigError(ValueError):
@@ -149,7 +154,10 @@ class MaxEntServer:
         except StoreError as error:
             raise ConfigError(f"state store not reachable: {error}") from None
         limit = s.max_message_mb * 1024 * 1024
-        interceptor = CallInterceptor(metrics=self.metrics, authorizer=self.authorizer, access_log=s.access_log)
+        interceptor = EdgeInterceptor(
+            admission=Admission(s.max_concurrent_rpcs, s.max_inflight_mb), metrics=self.metrics,
+            authorizer=self.authorizer, access_log=s.access_log, max_response_bytes=limit,
+        )
         self.server = grpc.aio.server(
             interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
