@@ -17,7 +17,6 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
 from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from maxent_server.edge import MAX_GROUPS_PER_REQUEST
@@ -48,7 +47,7 @@ class SettingsServer(ServerProcess):
         super().__init__(data_dir)
         self.settings = {"port": self.port, "data_dir": str(self.data_dir), "device": "cpu", **settings}
 
-    def start(self, timeout: float = 60.0) -> "SettingsServer":
+    def start(self, timeout: float = 60.0) -> SettingsServer:
         import os
         import subprocess
 
@@ -303,7 +302,7 @@ def _get_run_code(stub):
 # -- responses larger than the client may receive ----------------------------------------------------
 
 
-def test_an_oversized_response_is_logged_as_the_client_sees_it(tmp_path):
+def test_oversized_messages_are_logged_as_the_client_sees_them(tmp_path):
     proc = ServerProcess(tmp_path / "data", extra_args=["--max-message-mb", "1"])
     proc.start()
     try:
@@ -317,5 +316,12 @@ def test_an_oversized_response_is_logged_as_the_client_sees_it(tmp_path):
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         line = wait_for_line(proc, "method=ComputeRewardStatistics")
         assert "code=RESOURCE_EXHAUSTED" in line and "code=OK" not in line
+        # A request over the limit: refused by grpc itself, logged with that code.
+        big = pb.GetRunRequest(run_id="edge/" + "x" * (2 * MIB))
+        with grpc.insecure_channel(proc.target) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.MaxEntServiceStub(channel).GetRun(big, timeout=60)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "code=RESOURCE_EXHAUSTED" in wait_for_line(proc, "method=GetRun")
     finally:
         proc.stop()

@@ -66,7 +66,7 @@ class ServerSettings:
     # once, and the memory budget their estimated costs share (MiB); a call
     # over either gets RESOURCE_EXHAUSTED, never a queue.
     max_concurrent_rpcs: int = 64
-    max_inflight_mb: int = 2048
+    max_inflight_mb: int = 1024
 
 
 class ConfigError(ValueError):
@@ -156,7 +156,7 @@ class MaxEntServer:
         limit = s.max_message_mb * 1024 * 1024
         interceptor = EdgeInterceptor(
             admission=Admission(s.max_concurrent_rpcs, s.max_inflight_mb), metrics=self.metrics,
-            authorizer=self.authorizer, access_log=s.access_log, max_response_bytes=limit,
+            authorizer=self.authorizer, access_log=s.access_log, max_message_bytes=limit,
         )
         self.server = grpc.aio.server(
             interceptors=[interceptor],

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-
 from maxent_api import SERVICE_NAME as MAXENT_SERVICE
 
 from ..auth import Authorizer
@@ -48,12 +47,13 @@ def _split(full_method: str) -> tuple[str, str]:
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, *, admission: Admission, metrics: Metrics | None = None,
                  authorizer: Authorizer | None = None, access_log: bool = True,
-                 max_response_bytes: int | None = None) -> None:
+                 max_message_bytes: int | None = None) -> None:
+        """`max_message_bytes`: the server's message size limit, both ways."""
         self.admission = admission
         self.metrics = metrics
         self.authorizer = authorizer
         self.access_log = access_log
-        self.max_response_bytes = max_response_bytes
+        self.max_message_bytes = max_message_bytes
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -83,7 +83,11 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         call.holds_slot = True
         raw = await context.read()
         if raw is grpc.aio.EOF:
-            raise Refusal.invalid("request", "is missing: the call carried no message")
+            # What grpc hands over when it refused the message for its size
+            # (the client already has RESOURCE_EXHAUSTED), or none came.
+            limit = "" if self.max_message_bytes is None else f" {self.max_message_bytes}"
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"no request message: larger than the{limit} bytes this server receives, or none sent")
         call.request_bytes = len(raw)
         call.reserved = self.admission.reserve(call.method, len(raw))
         call.request = decode_request(handler.request_deserializer, raw, call.method)
@@ -113,7 +117,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     response = await restricted_list.list_visible_runs(inner, call.request, context, call.principal)
                 else:
                     response = await inner(call.request, context)
-                out = encode_response(serialize, response, self.max_response_bytes)
+                out = encode_response(serialize, response, self.max_message_bytes)
                 call.response_bytes = len(out)
                 call_answered(self.metrics, call, response)
                 return out
@@ -148,7 +152,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     self._release(call)
                 async for response in inner(call.request, context):
-                    out = encode_response(serialize, response, self.max_response_bytes)
+                    out = encode_response(serialize, response, self.max_message_bytes)
                     call.response_bytes += len(out)
                     yield out
             except Refusal as refusal:
@@ -181,7 +185,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             call_started(self.metrics, call)
             try:
                 call.request = decode_request(deserialize, raw, method)
-                out = encode_response(serialize, await inner(call.request, context), self.max_response_bytes)
+                out = encode_response(serialize, await inner(call.request, context), self.max_message_bytes)
                 call.response_bytes = len(out)
                 return out
             except Refusal as refusal:

@@ -5,7 +5,8 @@ RESOURCE_EXHAUSTED said here, so the log shows the code the client gets."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError

@@ -21,7 +21,7 @@ class Refusal(Exception):
         self.field_violations = field_violations or []
 
     @classmethod
-    def invalid(cls, field: str, description: str) -> "Refusal":
+    def invalid(cls, field: str, description: str) -> Refusal:
         return cls(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}", [(field, description)])
 
     async def abort(self, context: grpc.aio.ServicerContext) -> None:
