@@ -19,7 +19,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
-from maxent_server.edge import MAX_GROUPS_PER_REQUEST
+from maxent_server.edge import MAX_GROUPS_PER_REQUEST, Admission
+from maxent_server.edge.admission import estimated_cost
+from maxent_server.edge.refusal import Refusal
 from ops_support import metadata, samples, scrape, value, write_tokens
 from server_process import ServerProcess, free_port
 
@@ -297,6 +299,27 @@ def _get_run_code(stub):
         return grpc.StatusCode.OK, ""
     except grpc.RpcError as error:
         return error.code(), error.details()
+
+
+def test_admission_counts_slots_and_memory_and_lets_a_huge_call_run_alone():
+    admission = Admission(max_concurrent_rpcs=2, max_inflight_mb=100)
+    admission.enter()
+    admission.enter()
+    with pytest.raises(Refusal) as busy:
+        admission.enter()
+    assert busy.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in busy.value.message
+    admission.leave()
+    admission.enter()  # a slot given back is taken again
+    small = admission.reserve("ComputeWeightStats", 2 * MIB)
+    assert small == estimated_cost("ComputeWeightStats", 2 * MIB) > 32 * MIB
+    with pytest.raises(Refusal):
+        admission.reserve("ComputeWeightStats", 5 * MIB)  # the two would exceed 100 MiB
+    admission.release(small)
+    huge = admission.reserve("ComputeWeightStats", 50 * MIB)  # alone: admitted though over the budget
+    with pytest.raises(Refusal):
+        admission.reserve("GetRun", 10)
+    admission.release(huge)
+    assert admission.reserved == 0
 
 
 # -- responses larger than the client may receive ----------------------------------------------------

@@ -10,7 +10,8 @@ Three bounds, none of which queues a call:
 * ``max_inflight_mb`` of estimated memory across the calls being served. A
   call's cost is estimated from its request size (:func:`estimated_cost`);
   when the calls in flight and this one would exceed the budget, this one
-  gets RESOURCE_EXHAUSTED.
+  gets RESOURCE_EXHAUSTED (a call larger than the whole budget runs when it
+  would run alone: the peak is the larger of the budget and one call).
 * at most :data:`MAX_GROUPS_PER_REQUEST` groups in one request
   (INVALID_ARGUMENT on ``group_sizes``), checked before the servicer runs.
 """
@@ -74,11 +75,8 @@ class Admission:
     def reserve(self, method: str, request_bytes: int) -> int:
         """Reserve the call's estimated memory (returned, for `release`), or refuse."""
         cost = estimated_cost(method, request_bytes)
-        if cost > self.budget:
-            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"a {method} request of {request_bytes} bytes needs about {cost // _MIB} MiB, more than "
-                          f"this server's whole budget of {self.budget // _MIB} MiB; split the batch")
-        if self.reserved + cost > self.budget:
+        # A call larger than the whole budget runs only alone.
+        if self.reserved and self.reserved + cost > self.budget:
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"server busy: the calls in flight hold {self.reserved // _MIB} MiB of its "
                           f"{self.budget // _MIB} MiB budget and this {method} needs about {cost // _MIB} MiB; "
