@@ -6,18 +6,25 @@ import logging
 
 from ..logs import log_rpc
 from ..metrics import completions_in
-from .admission import BATCH_METHODS
+from .admission import BATCH_METHODS, MAX_GROUPS_PER_REQUEST
 from .call import Call
 
 _QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                              "grpc.reflection.v1.ServerReflection"})
 
 
-def log_call(call: Call) -> None:
-    completions = None
+def _completions(call: Call) -> int | None:
+    """The completions a batch call carried (None for other calls, and for
+    a batch refused for its group count: not worth counting)."""
     request = call.request
-    if call.method in BATCH_METHODS and request is not None and not isinstance(request, bytes):
-        completions = completions_in(request)
+    if call.method not in BATCH_METHODS or request is None or isinstance(request, bytes):
+        return None
+    if len(request.group_sizes) > MAX_GROUPS_PER_REQUEST:
+        return None
+    return completions_in(request)
+
+
+def log_call(call: Call) -> None:
     log_rpc(
         logging.DEBUG if call.service in _QUIET_SERVICES else logging.INFO,
         method=call.method,
@@ -27,7 +34,7 @@ def log_call(call: Call) -> None:
         duration_seconds=round(call.seconds, 6),
         request_bytes=call.request_bytes,
         response_bytes=call.response_bytes,
-        completions=completions,
+        completions=_completions(call),
         principal=call.principal.name if call.principal is not None else "",
         peer=call.peer,
     )
