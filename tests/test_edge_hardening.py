@@ -273,22 +273,17 @@ def test_parallel_group_floods_stay_within_the_budget(bounded):
 
 
 def test_calls_beyond_the_slots_are_resource_exhausted_not_queued(bounded):
-    """4 slots held by slow reward calls: a fifth call is refused at once,
-    and once they end, calls are served again."""
+    """Five slow reward calls (each held 3 s by its reward's time limit) on
+    4 slots: one at least is refused at once, the others are served; then
+    the slots are free again."""
     slow = pb.ComputeRewardStatisticsRequest(group_sizes=[1], completions=["SLEEP"], answers=["1"],
                                              rewards=[pb.RewardTerm(name="sleepy", weight=1.0)])
-    futures = [bounded.stub.ComputeRewardStatistics.future(slow, timeout=60) for _ in range(4)]
-    deadline = time.monotonic() + 30
-    refused = None
-    while time.monotonic() < deadline:
-        code, details = _get_run_code(bounded.stub)
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            refused = details
-            break
-        time.sleep(0.05)
-    assert refused is not None and "busy" in refused
-    for future in futures:
-        future.exception()  # each ends when its reward times out
+    futures = [bounded.stub.ComputeRewardStatistics.future(slow, timeout=60) for _ in range(5)]
+    errors = [future.exception() for future in futures]
+    refused = [e for e in errors if e is not None]
+    assert refused and len(refused) <= 2, errors
+    for error in refused:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in error.details()
     assert _get_run_code(bounded.stub)[0] == grpc.StatusCode.NOT_FOUND
 
 

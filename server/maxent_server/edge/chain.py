@@ -72,6 +72,9 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         call_finished(self.metrics, call)
         if self.access_log:
             log_call(call)
+        # The exception that ends a refused call can outlive it (in a cycle
+        # only the garbage collector frees): it must not keep the request.
+        call.request = None
 
     async def _admit(self, call: Call, context, handler) -> None:
         """Everything before the servicer, from the token to the group count.
@@ -123,7 +126,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 return out
             except Refusal as refusal:
                 call.code = refusal.code
-                await refusal.abort(context)
+                # Its traceback holds the frames that read the body.
+                await refusal.with_traceback(None).abort(context)
             except asyncio.CancelledError:
                 call.interrupted()
                 raise
@@ -157,7 +161,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     yield out
             except Refusal as refusal:
                 call.code = refusal.code
-                await refusal.abort(context)
+                # Its traceback holds the frames that read the body.
+                await refusal.with_traceback(None).abort(context)
             except (asyncio.CancelledError, GeneratorExit):
                 # The stream may be closed after its call is gone: the
                 # context must not be touched here (grpc can crash on it).
@@ -190,7 +195,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 return out
             except Refusal as refusal:
                 call.code = refusal.code
-                await refusal.abort(context)
+                # Its traceback holds the frames that read the body.
+                await refusal.with_traceback(None).abort(context)
             except asyncio.CancelledError:
                 call.interrupted()
                 raise
