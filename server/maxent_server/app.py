@@ -22,7 +22,7 @@ from maxent_api import SERVICE_NAME
 
 from .auth import Authorizer, TokenFileError, plaintext_tokens_readable_by_all
 from .engine import Engine
-from .interceptor import CallInterceptor
+from .edge import Admission, EdgeInterceptor
 from .metrics import Metrics, MetricsServer
 from .service import MaxEntServicer, add_to_server
 from .settings import ConfigError, ServerSettings
@@ -173,7 +173,10 @@ class MaxEntServer:
             await asyncio.get_running_loop().run_in_executor(None, self.store.ping)
         except StoreError as error:
             raise ConfigError(f"state store not reachable: {error}") from None
-        interceptor = CallInterceptor(metrics=self.metrics, authorizer=self.authorizer, access_log=s.access_log)
+        interceptor = EdgeInterceptor(
+            admission=Admission(s.max_concurrent_rpcs, s.max_inflight_mb), metrics=self.metrics,
+            authorizer=self.authorizer, access_log=s.access_log, max_message_bytes=s.max_message_mb * 1024 * 1024,
+        )
         self.server = grpc.aio.server(interceptors=[interceptor], options=transport_options(s))
         # Bind before the reward workers start: a busy port fails the start
         # with one line and nothing left to shut down.

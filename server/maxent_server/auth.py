@@ -46,6 +46,8 @@ from typing import Iterable, Sequence
 
 from maxent_api import SERVICE_NAME as MAXENT_SERVICE
 
+from .logs import clip
+
 _HEX_DIGEST = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -248,7 +250,7 @@ class Authorizer:
         if principal.role < needed:
             return f"token {principal.name!r} has role {principal.role.label}; {method} needs {needed.label}"
         if run_id and not principal.may_access(run_id):
-            return f"token {principal.name!r} may not access run {run_id!r}"
+            return f"token {principal.name!r} may not access run {clip(run_id)!r}"
         return None
 
 

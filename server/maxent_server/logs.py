@@ -10,13 +10,17 @@ logger (health checks and reflection at DEBUG) with: method, service, run
 duration_seconds, request_bytes, response_bytes, completions (when the
 request carries a batch), principal (the token's name from the token file,
 '' without authentication) and peer. Never in it: completion texts, answers,
-reward parameters, tokens or error details.
+reward parameters, tokens or error details. Every text value is made safe
+to log (:func:`clip`): at most MAX_LOGGED_CHARS characters, the rest replaced
+by a marker saying how many were left out, and control characters escaped
+(``\\n``, ``\\x1b``), so one line stays one line whatever a client sends.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -24,6 +28,21 @@ from typing import Any
 RPC_LOGGER = "maxent_server.rpc"
 _FIELDS = ("method", "service", "run", "code", "duration_seconds", "request_bytes", "response_bytes",
            "completions", "principal", "peer")
+#: The longest text value an access-log line (or an error message quoting a
+#: client's id) carries.
+MAX_LOGGED_CHARS = 128
+# C0 and C1 controls, DEL, and the line and paragraph separators.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def clip(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """`text` fit for one log line: control characters escaped, at most
+    `limit` characters of it kept and the rest counted."""
+    kept = text[:limit]
+    safe = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), kept)
+    if len(text) > limit:
+        safe += f"...[{len(text) - limit} more chars]"
+    return safe
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,8 +66,15 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message`; control characters in the message are
+    escaped (a traceback after it keeps its lines)."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's naming
+        return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),
+                            super().formatMessage(record))
 
 
 def _iso_time(created: float) -> str:
@@ -76,7 +102,8 @@ def log_rpc(level: int, **fields: Any) -> None:
     """One access-log line. `fields` are the keys of _FIELDS (None: left out)."""
     if not _rpc_log.isEnabledFor(level):
         return
-    fields = {k: fields[k] for k in _FIELDS if fields.get(k) is not None}
+    fields = {k: clip(fields[k]) if isinstance(fields[k], str) else fields[k]
+              for k in _FIELDS if fields.get(k) is not None}
     text = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
     _rpc_log.log(level, "rpc %s", text, extra={"rpc_fields": fields})
 

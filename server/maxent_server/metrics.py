@@ -6,10 +6,10 @@ and KL in nats) and counters end in ``_total``. The run label is bounded: a
 deleted run's series disappear, and beyond ``max_runs`` runs the one touched
 longest ago is dropped (``maxent_metrics_runs_evicted_total`` counts those).
 
-How values get here: :class:`~maxent_server.interceptor.CallInterceptor` calls
-:meth:`Metrics.observe_call` for every unary call and
-:meth:`Metrics.observe_response` with each successful MaxEntService response
-(controller state, weight entropy, reward moments, completion counts); the
+How values get here: the call edge (:mod:`maxent_server.edge`) calls
+:meth:`Metrics.call_started` and :meth:`Metrics.call_finished` for every unary
+call and :meth:`Metrics.observe_response` with each successful MaxEntService
+response (controller state, reward moments, completion counts); the
 servicer calls :meth:`Metrics.rewards_evaluated` (the :class:`ServiceObserver`
 interface) after each reward evaluation.
 """
@@ -87,14 +87,15 @@ RUN_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("tau", "maxent_run_tau", "Entropy temperature tau of the run's controller."),
     ("beta", "maxent_run_beta", "KL coefficient beta of the run's controller."),
     ("weight_entropy", "maxent_run_weight_entropy_nats",
-     "Last weight entropy of the run, computed by ComputeWeightStats or sent with UpdateController (nats)."),
+     "Last weight entropy of the run sent with UpdateController (nats)."),
     ("entropy_ema", "maxent_run_weight_entropy_ema_nats",
      "Exponential moving average of the run's weight entropy kept by the controller (nats)."),
     ("target_entropy", "maxent_run_target_entropy_nats", "Target weight entropy in force for the run (nats)."),
     ("measured_kl", "maxent_run_kl_nats", "Last measured KL to the reference sent with UpdateController (nats)."),
-    ("reward_mean", "maxent_run_reward_mean", "Mean utility of the last ComputeRewardStatistics batch of the run."),
+    ("reward_mean", "maxent_run_reward_mean",
+     "Mean utility of the run's last reward batch sent by a caller who may write runs."),
     ("reward_std", "maxent_run_reward_std",
-     "Standard deviation of the utilities of the last ComputeRewardStatistics batch of the run."),
+     "Standard deviation of the utilities of the run's last reward batch sent by a caller who may write runs."),
     ("version", "maxent_run_controller_version", "Number of accepted controller updates of the run."),
     ("target_unreachable", "maxent_run_target_unreachable",
      "1 when the run's target entropy is above the maximum possible weight entropy last reported, else 0."),
@@ -289,8 +290,13 @@ class Metrics:
         if response_bytes:
             self.sent_bytes.labels(service, method).inc(response_bytes)
 
-    def observe_response(self, method: str, request, response) -> None:
-        """Per-run gauges and counters from one successful MaxEntService call."""
+    def observe_response(self, method: str, request, response, *, from_writer: bool = True) -> None:
+        """Counters from one successful MaxEntService call, and per-run gauges
+        from what trainers report: the controller's state from CreateRun and
+        UpdateController, the reward moments from a batch call that names the
+        run made by a caller who may write runs (`from_writer`). A read (GetRun,
+        ComputeWeightStats, a read-only token's batch) moves no per-run gauge,
+        so no reader's probe shows on a run's dashboard."""
         if method == "UpdateController":
             if response.replayed:
                 self.controller_replays.inc()
@@ -302,31 +308,16 @@ class Metrics:
                 else:
                     self.controller_pooled.inc()
                 self.runs.update(request.run_id, _state_values(response.state))
-        elif method in ("CreateRun", "GetRun"):
+        elif method == "CreateRun":
             self.runs.update(response.run.run_id, _state_values(response.run.state))
-        elif method == "ComputeStepStatistics":
+        elif method in ("ComputeStepStatistics", "ComputeRewardStatistics"):
             self.completions.labels(method).observe(completions_in(request))
-            self._observe_weights(request, response)
-            self.runs.update(request.run_id, {"reward_mean": response.reward_mean, "reward_std": response.reward_std})
+            if request.run_id and from_writer:
+                self.runs.update(request.run_id, {"reward_mean": response.reward_mean, "reward_std": response.reward_std})
         elif method == "ComputeWeightStats":
             self.completions.labels(method).observe(completions_in(request))
-            self._observe_weights(request, response)
-        elif method == "ComputeRewardStatistics":
-            self.completions.labels(method).observe(completions_in(request))
-            if request.run_id:
-                self.runs.update(request.run_id, {"reward_mean": response.reward_mean, "reward_std": response.reward_std})
         elif method == "DeleteRun":
             self.runs.remove(request.run_id)
-
-    def _observe_weights(self, request, response) -> None:
-        values: dict[str, float | None] = {
-            "tau": response.tau,
-            "beta": response.beta,
-            "version": response.controller_version,
-        }
-        if any(size > 0 for size in request.group_sizes):
-            values["weight_entropy"] = response.weight_entropy
-        self.runs.update(request.run_id, values)
 
     # -- rewards (ServiceObserver) ---------------------------------------------------
 

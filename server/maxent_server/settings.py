@@ -132,10 +132,10 @@ class ServerSettings:
     tls_client_ca: str = _setting("", group="security", shown_default="none",
                                   help="CA bundle (PEM) for client certificates: mutual TLS, every client needs one")
     # -- transport
-    max_concurrent_rpcs: int = _setting(256, group="transport", minimum=1,
-                                        help="RPCs handled at once; more wait or are RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = _setting(64, group="transport", minimum=1,
+                                        help="MaxEntService calls handled at once; more get RESOURCE_EXHAUSTED (never queued)")
     max_inflight_mb: int = _setting(1024, group="transport", minimum=1,
-                                    help="MiB of requests being handled at once; more are RESOURCE_EXHAUSTED")
+                                    help="MiB of estimated memory of the calls being handled; beyond it RESOURCE_EXHAUSTED")
     max_streams_per_connection: int = _setting(100, group="transport", minimum=1,
                                                help="concurrent HTTP/2 streams (calls) one connection may open")
     connection_idle_seconds: float = _setting(300.0, group="transport", minimum=0,

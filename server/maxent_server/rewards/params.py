@@ -28,6 +28,9 @@ from typing import Any
 PARAM_TYPES = ("str", "int", "float", "bool")
 
 _INT_RE = re.compile(r"[+-]?[0-9]+")
+# Any integer of at most this many digits fits an int64; Python refuses to
+# read much longer digit strings (and is slow at it).
+MAX_INT_DIGITS = 18
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 
@@ -108,6 +111,8 @@ class ParamSpec:
         if self.type == "int":
             if not _INT_RE.fullmatch(raw):
                 return None, self.expectation()
+            if len(raw.lstrip("+-")) > MAX_INT_DIGITS:
+                return None, f"{self.expectation()} of at most {MAX_INT_DIGITS} digits"
             value = int(raw)
         else:
             try:
