@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reference as ref  # noqa: E402
 
-from maxent_server.domain import ControllerState, ControllerUpdate, RunConfig, apply_update  # noqa: E402
+from maxent_server.domain import ControllerState, ControllerUpdate, WeightingConfig, apply_update  # noqa: E402
 
 HYPO = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEWER = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -23,7 +23,7 @@ FEWER = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCh
 REF_FIELDS = {f.name for f in dataclasses.fields(ref.ControllerConfig)}
 
 
-def ref_config(config: RunConfig) -> ref.ControllerConfig:
+def ref_config(config: WeightingConfig) -> ref.ControllerConfig:
     return ref.ControllerConfig(**{k: v for k, v in config.to_dict().items() if k in REF_FIELDS})
 
 
@@ -35,7 +35,7 @@ def close(a, b, tol=1e-9) -> bool:
     return abs(a - b) <= tol * max(1.0, abs(b))
 
 
-def assert_same(state: ControllerState, want: ref.ControllerState, config: RunConfig) -> None:
+def assert_same(state: ControllerState, want: ref.ControllerState, config: WeightingConfig) -> None:
     assert close(state.tau, want.tau), (state, want)
     assert close(state.beta, want.beta), (state, want)
     assert close(state.entropy_ema, want.ema), (state, want)
@@ -46,7 +46,7 @@ def assert_same(state: ControllerState, want: ref.ControllerState, config: RunCo
         assert close(state.tau_log, want.log_tau), (state, want)
 
 
-def run_both(config: RunConfig, updates: list[ControllerUpdate]):
+def run_both(config: WeightingConfig, updates: list[ControllerUpdate]):
     """Apply the updates with engine and reference, comparing after each."""
     rconfig = ref_config(config)
     state = ControllerState.initial(config, now=100.0)
@@ -81,7 +81,7 @@ def step(s, h=None, kl=None, tau_grad=None, beta_grad=None, lr_scale=1.0) -> Con
 def configs(draw, meta=None):
     tau_min = draw(st.one_of(st.just(0.0), st.floats(0.0, 0.5)))
     kind = draw(st.sampled_from(["none", "fixed", "schedule", "start_only"]))
-    return RunConfig(
+    return WeightingConfig(
         tau=draw(st.floats(1e-4, 5.0)),
         beta=draw(st.one_of(st.just(0.0), st.floats(0.0, 2.0))),
         target_entropy=draw(st.floats(0.0, 3.0)) if kind in ("fixed", "start_only") else None,
@@ -157,7 +157,8 @@ def test_empty_updates_only_bump_the_version(config, steps):
 
 
 def test_initial_state():
-    config = RunConfig(tau=0.25, beta=0.1, target_entropy_start=2.0, target_entropy_final=1.0, target_entropy_horizon=4)
+    config = WeightingConfig(tau=0.25, beta=0.1, target_entropy_start=2.0, target_entropy_final=1.0,
+                             target_entropy_horizon=4)
     state = ControllerState.initial(config, now=7.0)
     assert state.tau == 0.25 and state.beta == 0.1 and state.tau_log == pytest.approx(math.log(0.25))
     assert state.entropy_ema is None and state.version == 0 and state.global_step == 0
@@ -165,7 +166,7 @@ def test_initial_state():
 
 
 def test_warmup_boundary():
-    config = RunConfig(tau=1.0, target_entropy=2.0, tau_lr=0.5, tau_warmup_steps=3)
+    config = WeightingConfig(tau=1.0, target_entropy=2.0, tau_lr=0.5, tau_warmup_steps=3)
     updates = [step(1, h=1.0), step(2, h=1.0), step(3, h=1.0)]
     state, _ = run_both(config, updates)
     # skipped while s <= warmup: nothing moved, EMA still unset, but three versions
@@ -181,20 +182,20 @@ def test_warmup_boundary():
 
 
 def test_no_target_no_tau_adaptation():
-    config = RunConfig(tau=0.7, tau_lr=1.0)
+    config = WeightingConfig(tau=0.7, tau_lr=1.0)
     state, _ = run_both(config, [step(s, h=0.1) for s in range(1, 6)])
     # τ stays; the EMA is tracked all the same (docs/math.md §7)
     assert state.tau == 0.7 and state.entropy_ema == pytest.approx(0.1) and state.version == 5
 
 
 def test_missing_entropy_skips_tau_adaptation():
-    config = RunConfig(tau=0.7, tau_lr=1.0, target_entropy=1.0)
+    config = WeightingConfig(tau=0.7, tau_lr=1.0, target_entropy=1.0)
     state, _ = run_both(config, [step(1), step(2, kl=0.3)])
     assert state.tau == 0.7 and state.entropy_ema is None
 
 
 def test_lr_scale_scales_tau_adaptation():
-    config = RunConfig(tau=1.0, target_entropy=1.0, tau_lr=0.2)
+    config = WeightingConfig(tau=1.0, target_entropy=1.0, tau_lr=0.2)
     a = apply_update(config, ControllerState.initial(config, 0.0), step(1, h=0.5, lr_scale=1.0), 0.0)
     b = apply_update(config, ControllerState.initial(config, 0.0), step(1, h=0.5, lr_scale=3.0), 0.0)
     c = apply_update(config, ControllerState.initial(config, 0.0), step(1, h=0.5, lr_scale=0.0), 0.0)
@@ -205,7 +206,7 @@ def test_lr_scale_scales_tau_adaptation():
 
 @pytest.mark.parametrize("horizon", [10, 0, -5])
 def test_target_entropy_schedule(horizon):
-    config = RunConfig(tau=1.0, tau_lr=1.0, target_entropy=9.0, target_entropy_start=2.0,
+    config = WeightingConfig(tau=1.0, tau_lr=1.0, target_entropy=9.0, target_entropy_start=2.0,
                        target_entropy_final=1.0, target_entropy_horizon=horizon)
     rconfig = ref_config(config)
     for s, expected in [(0, 2.0), (5, 1.5), (10, 1.0), (25, 1.0)]:
@@ -223,30 +224,31 @@ def test_target_entropy_schedule(horizon):
 
 def test_fixed_target_when_schedule_incomplete():
     # only a start: the schedule is not in force, the fixed target is
-    config = RunConfig(tau=1.0, tau_lr=1.0, target_entropy=0.5, target_entropy_start=2.0, target_entropy_horizon=10)
+    config = WeightingConfig(tau=1.0, tau_lr=1.0, target_entropy=0.5, target_entropy_start=2.0,
+                             target_entropy_horizon=10)
     assert config.target_entropy_at(3) == 0.5
     run_both(config, [step(3, h=1.0)])
 
 
 @pytest.mark.parametrize("tau_max", [0.0, -1.0])
 def test_no_upper_bound_when_tau_max_not_positive(tau_max):
-    config = RunConfig(tau=1.0, target_entropy=5.0, tau_lr=1.0, tau_max=tau_max)
+    config = WeightingConfig(tau=1.0, target_entropy=5.0, tau_lr=1.0, tau_max=tau_max)
     state, _ = run_both(config, [step(s, h=0.0) for s in range(1, 5)])
     assert state.tau > 1e3  # log τ rose by ~5 + 5 + 5 + 5 = 20
 
 
 def test_tau_clamped_to_bounds():
-    config = RunConfig(tau=1.0, target_entropy=5.0, tau_lr=1.0, tau_min=0.1, tau_max=2.0)
+    config = WeightingConfig(tau=1.0, target_entropy=5.0, tau_lr=1.0, tau_min=0.1, tau_max=2.0)
     state, _ = run_both(config, [step(1, h=0.0)])
     assert state.tau == 2.0 and state.tau_log == math.log(2.0)  # anti-windup: log τ reset at the bound
-    config = RunConfig(tau=1.0, target_entropy=0.0, tau_lr=1.0, tau_min=0.1, tau_max=2.0)
+    config = WeightingConfig(tau=1.0, target_entropy=0.0, tau_lr=1.0, tau_min=0.1, tau_max=2.0)
     state, _ = run_both(config, [step(1, h=5.0)])
     assert state.tau == 0.1
 
 
 def test_tau_overflow_does_not_raise():
     # log τ beyond the float range: τ is +inf before the clamp (math.exp used to raise)
-    config = RunConfig(tau=1.0, target_entropy=10.0, tau_lr=100.0)
+    config = WeightingConfig(tau=1.0, target_entropy=10.0, tau_lr=100.0)
     state, _ = run_both(config, [step(1, h=0.0)])
     assert state.tau == math.inf
     config = dataclasses.replace(config, tau_max=3.0)
@@ -255,7 +257,7 @@ def test_tau_overflow_does_not_raise():
 
 
 def test_kl_controller():
-    config = RunConfig(tau=1.0, beta=0.5, kl_target=0.1, kl_horizon=10, kl_step_size=0.2)
+    config = WeightingConfig(tau=1.0, beta=0.5, kl_target=0.1, kl_horizon=10, kl_step_size=0.2)
     state, _ = run_both(config, [step(1, kl=0.11)])
     assert state.beta == pytest.approx(0.5 * (1 + 0.1 / 10))
     state, _ = run_both(config, [step(1, kl=1.0)])  # error 9 clipped to 0.2
@@ -263,21 +265,21 @@ def test_kl_controller():
     state, _ = run_both(config, [step(1, kl=0.0)])  # error -1 clipped to -0.2
     assert state.beta == pytest.approx(0.5 * (1 - 0.2 / 10))
     # a step larger than the horizon would make β negative: the factor is floored at 1e-6
-    config = RunConfig(tau=1.0, beta=0.5, kl_target=0.1, kl_horizon=1, kl_step_size=3.0)
+    config = WeightingConfig(tau=1.0, beta=0.5, kl_target=0.1, kl_horizon=1, kl_step_size=3.0)
     state, _ = run_both(config, [step(1, kl=0.0)])
     assert state.beta == 0.5 * 1e-6
 
 
 @pytest.mark.parametrize("field", ["kl_target", "kl_horizon", "kl_step_size"])
 def test_kl_controller_off_unless_all_positive(field):
-    config = dataclasses.replace(RunConfig(tau=1.0, beta=0.5, kl_target=0.1, kl_horizon=10, kl_step_size=0.2),
+    config = dataclasses.replace(WeightingConfig(tau=1.0, beta=0.5, kl_target=0.1, kl_horizon=10, kl_step_size=0.2),
                                  **{field: 0})
     state, _ = run_both(config, [step(1, kl=1.0)])
     assert state.beta == 0.5
 
 
 def test_tau_adaptation_then_kl_controller_in_one_update():
-    config = RunConfig(tau=1.0, beta=0.5, target_entropy=1.0, tau_lr=0.3, kl_target=0.2, kl_horizon=5,
+    config = WeightingConfig(tau=1.0, beta=0.5, target_entropy=1.0, tau_lr=0.3, kl_target=0.2, kl_horizon=5,
                        kl_step_size=0.5)
     state, _ = run_both(config, [step(1, h=0.4, kl=0.3)])
     assert state.tau_log == pytest.approx(0.3 * 0.6)
@@ -288,7 +290,7 @@ def test_tau_adaptation_then_kl_controller_in_one_update():
 # meta controller
 
 
-META = RunConfig(tau=1.0, beta=0.5, meta_enabled=True, meta_tau_lr=0.1, meta_beta_lr=0.2, target_entropy=1.0,
+META = WeightingConfig(tau=1.0, beta=0.5, meta_enabled=True, meta_tau_lr=0.1, meta_beta_lr=0.2, target_entropy=1.0,
                  kl_target=0.1, kl_horizon=10, kl_step_size=0.2, tau_lr=1.0)
 
 

@@ -21,17 +21,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reference as ref  # noqa: E402
 
-from maxent_client import WeightingConfig  # noqa: E402
+from maxent_client import WeightDenominator, WeightingConfig  # noqa: E402
 from maxent_api._generated.maxent.v1 import maxent_pb2 as pb  # noqa: E402
 from maxent_client.cli import main as ctl_main  # noqa: E402
 from maxent_client.errors import AlreadyExistsError, InvalidArgumentError  # noqa: E402
-from maxent_client.models import Denominator  # noqa: E402
-from maxent_server.domain import ControllerState, ControllerUpdate, RunConfig, apply_update  # noqa: E402
+from maxent_server import domain  # noqa: E402
+from maxent_server.domain import ControllerState, ControllerUpdate, apply_update  # noqa: E402
 
 REF_FIELDS = {f.name for f in dataclasses.fields(ref.ControllerConfig)}
 
 
-def ref_config(config: RunConfig) -> ref.ControllerConfig:
+def ref_config(config: domain.WeightingConfig) -> ref.ControllerConfig:
     return ref.ControllerConfig(**{k: v for k, v in config.to_dict().items() if k in REF_FIELDS})
 
 
@@ -40,7 +40,7 @@ def step(s, h=None, kl=None, lr_scale=1.0, mwe=None, tau_grad=None, beta_grad=No
                             max_weight_entropy=mwe, tau_grad=tau_grad, beta_grad=beta_grad)
 
 
-def run(config: RunConfig, updates) -> list[ControllerState]:
+def run(config: domain.WeightingConfig, updates) -> list[ControllerState]:
     state = ControllerState.initial(config, now=0.0)
     states = []
     for n, u in enumerate(updates, start=1):
@@ -54,7 +54,7 @@ def run(config: RunConfig, updates) -> list[ControllerState]:
 
 
 def test_tau_leaves_tau_min_the_first_step_the_error_changes_sign():
-    config = RunConfig(tau=1.0, target_entropy=1.0, tau_lr=2.0, tau_min=0.5)
+    config = domain.WeightingConfig(tau=1.0, target_entropy=1.0, tau_lr=2.0, tau_min=0.5)
     # Too flat for long (tau driven to the bound), then too peaked.
     entropies = [3.0] * 15 + [0.0] * 40
     states = run(config, [step(s, h=h) for s, h in enumerate(entropies, start=1)])
@@ -68,7 +68,7 @@ def test_tau_leaves_tau_min_the_first_step_the_error_changes_sign():
 
 
 def test_tau_leaves_tau_max_the_first_step_the_error_changes_sign():
-    config = RunConfig(tau=1.0, target_entropy=1.0, tau_lr=2.0, tau_max=1.5)
+    config = domain.WeightingConfig(tau=1.0, target_entropy=1.0, tau_lr=2.0, tau_max=1.5)
     states = run(config, [step(s, h=h) for s, h in enumerate([0.0] * 10 + [3.0] * 20, start=1)])
     flip = next(i for i, s in enumerate(states) if i >= 10 and s.entropy_ema > 1.0)
     assert all(s.tau == 1.5 for s in states[1:flip])
@@ -81,7 +81,7 @@ def test_tau_leaves_tau_max_the_first_step_the_error_changes_sign():
 
 def test_beta_recovers_after_a_large_negative_error():
     # kl_step_size >= kl_horizon: the factor 1 + e/h reaches <= 0 for KL far below target
-    config = RunConfig(tau=1.0, beta=0.5, kl_target=0.1, kl_horizon=1, kl_step_size=3.0)
+    config = domain.WeightingConfig(tau=1.0, beta=0.5, kl_target=0.1, kl_horizon=1, kl_step_size=3.0)
     # KL 0: e = -1, so 1 + e/h = 0, floored at 1e-6 (it used to set beta to 0 for good)
     states = run(config, [step(1, kl=0.0)] + [step(s, kl=1.0) for s in range(2, 20)])
     assert states[0].beta == 0.5 * 1e-6 > 0
@@ -95,7 +95,7 @@ def test_beta_recovers_after_a_large_negative_error():
 
 
 def test_entropy_ema_tracked_without_a_target():
-    config = RunConfig(tau=0.3, tau_lr=5.0, tau_warmup_steps=1)
+    config = domain.WeightingConfig(tau=0.3, tau_lr=5.0, tau_warmup_steps=1)
     states = run(config, [step(1, h=9.0), step(2, h=1.0), step(3), step(4, h=2.0)])
     assert states[0].entropy_ema is None  # warm-up
     assert states[1].entropy_ema == 1.0 and states[2].entropy_ema == 1.0
@@ -104,7 +104,7 @@ def test_entropy_ema_tracked_without_a_target():
 
 
 def test_ratio_target():
-    config = RunConfig(tau=1.0, target_entropy_ratio=0.5, tau_lr=1.0)
+    config = domain.WeightingConfig(tau=1.0, target_entropy_ratio=0.5, tau_lr=1.0)
     states = run(config, [step(1, h=1.0), step(2, h=1.0, mwe=3.0), step(3, h=1.0), step(4, h=1.0, mwe=1.0)])
     # no maximum entropy known yet: no adaptation, the EMA still tracked
     assert states[0].tau == 1.0 and states[0].active_target_entropy is None and states[0].entropy_ema == 1.0
@@ -117,16 +117,16 @@ def test_ratio_target():
 
 
 def test_target_unreachable():
-    config = RunConfig(tau=1.0, target_entropy=2.0, tau_lr=0.1)
+    config = domain.WeightingConfig(tau=1.0, target_entropy=2.0, tau_lr=0.1)
     states = run(config, [step(1, h=1.0), step(2, h=1.0, mwe=1.5), step(3), step(4, mwe=2.5), step(5, mwe=2.0)])
     assert [s.target_unreachable for s in states] == [False, True, True, False, False]
     assert states[2].last_max_weight_entropy == 1.5
     # no target at all: never unreachable
-    assert not run(RunConfig(tau=1.0), [step(1, mwe=0.0)])[0].target_unreachable
+    assert not run(domain.WeightingConfig(tau=1.0), [step(1, mwe=0.0)])[0].target_unreachable
 
 
 def test_tau_bound_steps():
-    config = RunConfig(tau=1.0, target_entropy=2.0, tau_lr=1.0, tau_max=1.5, tau_min=0.2)
+    config = domain.WeightingConfig(tau=1.0, target_entropy=2.0, tau_lr=1.0, tau_max=1.5, tau_min=0.2)
     states = run(config, [step(s, h=0.0) for s in range(1, 5)] + [step(5, kl=1.0), step(6, h=9.0)]
                  + [step(s, h=9.0) for s in range(7, 40)])
     # any applied step that ends at a bound counts, with or without measurements
@@ -138,7 +138,7 @@ def test_tau_bound_steps():
     assert 0 in [s.tau_bound_steps for s in states]  # it left the upper bound...
     assert states[-1].tau == 0.2 and states[-1].tau_bound_steps > 5  # ...and is pinned at the lower one
     # a run whose tau never adapts is never "pinned", even at tau_min
-    fixed = RunConfig(tau=0.2, tau_min=0.2)
+    fixed = domain.WeightingConfig(tau=0.2, tau_min=0.2)
     assert run(fixed, [step(1, h=1.0), step(2)])[-1].tau_bound_steps == 0
 
 
@@ -147,7 +147,7 @@ def test_old_stored_states_load():
            "active_target_entropy": 1.0, "update_time": 5.0, "last_weight_entropy": 1.0, "last_measured_kl": None}
     state = ControllerState.from_dict(old)
     assert state.target_unreachable is False and state.tau_bound_steps == 0 and state.last_max_weight_entropy is None
-    assert RunConfig.from_dict({"tau": 0.5}).target_entropy_ratio is None
+    assert domain.WeightingConfig.from_dict({"tau": 0.5}).target_entropy_ratio is None
 
 
 # --------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def configs(draw):
     tau_max = draw(st.one_of(st.just(0.0), st.floats(tau_min + 1e-3, tau_min + 2.0)))
     kind = draw(st.sampled_from(["none", "fixed", "schedule", "ratio"]))
     tau = max(draw(st.floats(1e-3, 3.0)), tau_min)
-    return RunConfig(
+    return domain.WeightingConfig(
         tau=min(tau, tau_max) if tau_max > 0 else tau,
         beta=draw(st.one_of(st.just(0.0), st.floats(1e-3, 2.0))),
         target_entropy=draw(st.floats(0.0, 3.0)) if kind == "fixed" else None,
@@ -360,7 +360,7 @@ def _violations(call) -> set[str]:
 
 
 def test_validation(client, run_id):
-    tau_only = WeightingConfig(tau=0.0, beta=0.1, denominator=Denominator.TAU)
+    tau_only = WeightingConfig(tau=0.0, beta=0.1, denominator=WeightDenominator.TAU)
     assert "config.tau" in _violations(lambda: client.create_run(run_id, tau_only))
     client.create_run(run_id + "-grpo", dataclasses.replace(tau_only, train_grpo_objective=True))
     assert _violations(lambda: client.create_run(run_id, WeightingConfig(tau=1.0, target_entropy_ratio=1.5))) == {

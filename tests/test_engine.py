@@ -21,11 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reference as ref  # noqa: E402
 
-from maxent_server.domain import Baseline, Denominator, final_answer  # noqa: E402
+from maxent_server.domain import AdvantageBaseline, WeightDenominator, final_answer  # noqa: E402
 from maxent_server.engine import (  # noqa: E402
     Engine,
     RewardOptions,
-    SeedGrpoSettings,
+    SeedGrpoOptions,
     WeightOptions,
     combine_rewards,
 )
@@ -83,7 +83,7 @@ def engine_rewards(sizes, utils, options=RewardOptions(), **kw):
     )
 
 
-def seed_dict(s: SeedGrpoSettings | None):
+def seed_dict(s: SeedGrpoOptions | None):
     if s is None:
         return None
     return dict(
@@ -228,8 +228,8 @@ def test_batch_scaling_and_leave_one_out_hand_computed(engine):
     got = engine.reward_statistics(np.array(sizes), np.array(utils), RewardOptions(scale_rewards="batch"))
     want = [0.5, -0.5, 0.0, -0.35, 0.35]
     assert_close(got.advantages, [a / (batch_std + 1e-4) for a in want])
-    rloo = engine.reward_statistics(np.array(sizes), np.array(utils),
-                                    RewardOptions(scale_rewards="none", advantage_baseline=Baseline.LEAVE_ONE_OUT))
+    rloo_options = RewardOptions(scale_rewards="none", advantage_baseline=AdvantageBaseline.LEAVE_ONE_OUT)
+    rloo = engine.reward_statistics(np.array(sizes), np.array(utils), rloo_options)
     # u_i minus the mean of the others: 1 - 0.25, 0 - 0.75, 0.5 - 0.5; 0.2 - 0.9, 0.9 - 0.2
     assert_close(rloo.advantages, [0.75, -0.75, 0.0, -0.7, 0.7])
 
@@ -350,7 +350,7 @@ def test_seed_grpo_fixed_example():
     answers = ["a", "a", "b", None, "x", "x", "x", None, None]
     logp = [-4.0, -4.0, -4.0, -4.0, -3.0, -9.0, -1.0, -2.0, -2.0]
     counts = [4, 4, 4, 4, 2, 3, 1, 2, 2]
-    options = RewardOptions(seed_grpo=SeedGrpoSettings())
+    options = RewardOptions(seed_grpo=SeedGrpoOptions())
     got, _ = check_rewards(sizes, [1.0, 0.0, 0.5, 0.2, 1.0, 0.0, 0.0, 1.0, 0.0], options,
                            gen_logp_sum=logp, token_counts=counts, answers=answers)
     alpha_eff = 0.0417 / math.log(4)
@@ -363,7 +363,7 @@ def test_seed_grpo_fixed_example():
 
 def test_seed_grpo_answers_across_groups_do_not_merge():
     # the same answer string in two groups is two clusters, one per group
-    options = RewardOptions(seed_grpo=SeedGrpoSettings())
+    options = RewardOptions(seed_grpo=SeedGrpoOptions())
     got, _ = check_rewards([2, 2], [0.0, 1.0, 1.0, 0.0], options,
                            gen_logp_sum=[-1.0] * 4, token_counts=[1] * 4, answers=["7", "8", "7", "8"])
     assert_close(got.seed_semantic_entropies, [math.log(2.0)] * 2)
@@ -372,10 +372,10 @@ def test_seed_grpo_answers_across_groups_do_not_merge():
 @pytest.mark.parametrize(
     "seed",
     [
-        SeedGrpoSettings(),
-        SeedGrpoSettings(alpha=0.5, normalize_by_max_entropy=False),
-        SeedGrpoSettings(alpha=1.0, length_normalize_logprobs=False),
-        SeedGrpoSettings(alpha=0.2, num_generations=8),
+        SeedGrpoOptions(),
+        SeedGrpoOptions(alpha=0.5, normalize_by_max_entropy=False),
+        SeedGrpoOptions(alpha=1.0, length_normalize_logprobs=False),
+        SeedGrpoOptions(alpha=0.2, num_generations=8),
     ],
 )
 def test_seed_grpo_settings(seed):
@@ -388,7 +388,7 @@ def test_seed_grpo_settings(seed):
 
 
 def test_seed_grpo_no_answers_all_singletons():
-    options = RewardOptions(seed_grpo=SeedGrpoSettings())
+    options = RewardOptions(seed_grpo=SeedGrpoOptions())
     got, _ = check_rewards([3], [0.0, 1.0, 2.0], options, gen_logp_sum=[-1.0, -1.0, -1.0],
                            token_counts=[1, 1, 1], answers=[None, None, None])
     assert_close(got.seed_semantic_entropies, [math.log(3.0)])
@@ -406,7 +406,7 @@ def test_seed_grpo_end_to_end_from_texts():
     answers = [final_answer(t) for t in texts]
     assert answers == [ref.final_answer(t) for t in texts]
     assert answers == ["42", "42", "42", "\\frac{1}{2}", None, "1"]  # the first <answer> tag
-    options = RewardOptions(seed_grpo=SeedGrpoSettings(num_generations=6))
+    options = RewardOptions(seed_grpo=SeedGrpoOptions(num_generations=6))
     check_rewards([6], [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], options, gen_logp_sum=[-5.0, -6.0, -4.0, -8.0, -9.0, -3.0],
                   token_counts=[5, 6, 4, 8, 9, 3], answers=answers)
 
@@ -446,7 +446,7 @@ def test_combine_rewards_nan_sum():
 # fixed examples: weights
 
 
-@pytest.mark.parametrize("denominator", list(Denominator))
+@pytest.mark.parametrize("denominator", list(WeightDenominator))
 @pytest.mark.parametrize("include_ref", [True, False])
 @pytest.mark.parametrize("by_tokens", [False, True])
 @pytest.mark.parametrize("length_norm", [True, False])
@@ -472,7 +472,7 @@ def test_weights_equal_q_when_tau_one_and_no_beta():
 def test_tau_denominator_differs_from_tau_plus_beta():
     args = ([3], [0.6, 0.3, 0.1], [-2.0, -1.0, -6.0], [1, 1, 1])
     exact, _ = check_weights(*args, WeightOptions(tau=0.5, beta=0.5))
-    seed, _ = check_weights(*args, WeightOptions(tau=0.5, beta=0.5, denominator=Denominator.TAU))
+    seed, _ = check_weights(*args, WeightOptions(tau=0.5, beta=0.5, denominator=WeightDenominator.TAU))
     assert np.max(np.abs(exact.weights - seed.weights)) > 1e-3
 
 
@@ -547,7 +547,7 @@ def test_edge_tau_1e_minus_6():
     got, _ = check_weights(sizes, q, [-5.0, -4.0, -3.0, -2.0, -1.0, -0.5], [1] * 6,
                            WeightOptions(tau=1e-6, beta=1e-6))
     assert np.all(np.isfinite(got.weights))
-    check_weights(sizes, q, [-5.0] * 6, [5] * 6, WeightOptions(tau=1e-6, beta=0.0, denominator=Denominator.TAU))
+    check_weights(sizes, q, [-5.0] * 6, [5] * 6, WeightOptions(tau=1e-6, beta=0.0, denominator=WeightDenominator.TAU))
 
 
 def test_edge_groups_of_one():
@@ -632,7 +632,7 @@ def test_reward_statistics_match_reference(batch, data, scale, baseline, tempera
     n = len(utils)
     valid = data.draw(st.one_of(st.none(), st.lists(st.booleans(), min_size=n, max_size=n)), label="valid")
     options = RewardOptions(q_temperature=temperature, q_epsilon=epsilon, scale_rewards=scale,
-                            advantage_baseline=Baseline(baseline))
+                            advantage_baseline=AdvantageBaseline(baseline))
     got, _ = check_rewards(sizes, utils, options, valid=valid)
     keep = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
     assert np.all(got.q_values[~keep] == 0.0) and np.all(got.advantages[~keep] == 0.0)
@@ -684,7 +684,7 @@ def test_seed_grpo_match_reference(batch, data, alpha, normalize, length_norm, n
     answers = data.draw(st.lists(st.sampled_from([None, "1", "2", "3", "\\frac{1}{2}"]), min_size=n, max_size=n))
     logp = data.draw(st.lists(st.floats(-200.0, 0.0), min_size=n, max_size=n), label="logp")
     counts = data.draw(st.lists(st.integers(0, 64), min_size=n, max_size=n), label="counts")
-    seed = SeedGrpoSettings(alpha=alpha, normalize_by_max_entropy=normalize, length_normalize_logprobs=length_norm,
+    seed = SeedGrpoOptions(alpha=alpha, normalize_by_max_entropy=normalize, length_normalize_logprobs=length_norm,
                             num_generations=num_generations)
     got, _ = check_rewards(sizes, utils, RewardOptions(seed_grpo=seed), gen_logp_sum=logp, token_counts=counts,
                            answers=answers)
@@ -699,7 +699,7 @@ def test_seed_grpo_match_reference(batch, data, alpha, normalize, length_norm, n
     data=st.data(),
     tau=st.one_of(st.floats(0.01, 10.0), st.sampled_from([1e-3, 1.0])),
     beta=st.one_of(st.floats(0.0, 5.0), st.just(0.0)),
-    denominator=st.sampled_from(list(Denominator)),
+    denominator=st.sampled_from(list(WeightDenominator)),
     include_ref=st.booleans(),
     by_tokens=st.booleans(),
     length_norm=st.booleans(),

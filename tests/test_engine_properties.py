@@ -15,7 +15,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reference as ref  # noqa: E402
 
-from maxent_server.domain import ControllerState, ControllerUpdate, Denominator, RunConfig, apply_update  # noqa: E402
+from maxent_server.domain import (  # noqa: E402
+    ControllerState,
+    ControllerUpdate,
+    WeightDenominator,
+    WeightingConfig,
+    apply_update,
+)
 from maxent_server.engine import Engine, RewardOptions, WeightOptions  # noqa: E402
 
 HYPO = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -69,7 +75,7 @@ def ragged(draw, max_groups=6, max_size=8, min_size=0, with_ref=True):
     batch=ragged(),
     tau=st.one_of(st.floats(1e-6, 20.0), st.just(0.0)),
     beta=st.floats(0.0, 5.0),
-    denominator=st.sampled_from(list(Denominator)),
+    denominator=st.sampled_from(list(WeightDenominator)),
     include_ref=st.booleans(),
     by_tokens=st.booleans(),
     length_norm=st.booleans(),
@@ -122,7 +128,7 @@ def test_closed_form_maximises_the_objective(batch, tau, beta, temperature, seed
     sizes, utils, ref_logp, counts = batch
     q = rewards(sizes, utils, q_temperature=temperature).q_values
     exact = weights(sizes, q, ref_logp, counts, tau=tau, beta=beta)
-    seed_mode = weights(sizes, q, ref_logp, counts, tau=tau, beta=beta, denominator=Denominator.TAU)
+    seed_mode = weights(sizes, q, ref_logp, counts, tau=tau, beta=beta, denominator=WeightDenominator.TAU)
     rng = np.random.default_rng(seed)
     for s in group_slices(sizes):
         qs = q[s].tolist()
@@ -141,7 +147,7 @@ def test_closed_form_maximises_the_objective(batch, tau, beta, temperature, seed
         np.testing.assert_allclose(w_star, prod / prod.sum(), rtol=1e-6, atol=1e-9)
 
 
-@given(batch=ragged(), beta=st.floats(0.0, 10.0), denominator=st.sampled_from(list(Denominator)),
+@given(batch=ragged(), beta=st.floats(0.0, 10.0), denominator=st.sampled_from(list(WeightDenominator)),
        by_tokens=st.booleans())
 @HYPO
 def test_infinite_tau_gives_uniform_weights(batch, beta, denominator, by_tokens):
@@ -239,7 +245,7 @@ def controller_runs(draw):
     upper = tau_max if tau_max > 0 else 10.0
     tau = draw(st.floats(max(tau_min, 1e-3), max(upper, 1e-3)))
     target_kind = draw(st.sampled_from(["none", "fixed", "schedule"]))
-    config = RunConfig(
+    config = WeightingConfig(
         tau=tau,
         beta=draw(st.floats(0.0, 2.0)),
         target_entropy=draw(st.floats(0.0, 3.0)) if target_kind == "fixed" else None,

@@ -16,7 +16,8 @@ import grpc
 import pytest
 
 from maxent_client import MaxEntClient, MaxEntError, WeightingConfig
-from maxent_server.domain import ControllerState, ControllerUpdate, RunConfig, apply_update
+from maxent_server import domain
+from maxent_server.domain import ControllerState, ControllerUpdate, apply_update
 from maxent_server.engine.pooling import ReportResult, report
 from pooled_job import job_name, measurements
 from redis_process import REDIS_SERVER, SKIP_REASON, RedisProcess
@@ -31,7 +32,7 @@ JOB_SCRIPT = Path(__file__).with_name("pooled_job.py")
 def expected_trajectory(reporters: int) -> list[ControllerState]:
     """The states of one controller fed, at each step, the n-weighted means
     of what the jobs report."""
-    config = RunConfig(**SETTINGS, reporters_per_step=reporters)
+    config = domain.WeightingConfig(**SETTINGS, reporters_per_step=reporters)
     state = ControllerState.initial(config, 0.0)
     states = []
     for step in range(1, STEPS + 1):
@@ -114,7 +115,7 @@ def test_four_jobs_pool_into_one_controller_two_redis_replicas(tmp_path):
 
 def test_stale_out_of_order_and_retried_reports(client, run_id):
     client.create_run(run_id, WeightingConfig(**SETTINGS, reporters_per_step=3))
-    config = RunConfig(**SETTINGS, reporters_per_step=3)
+    config = domain.WeightingConfig(**SETTINGS, reporters_per_step=3)
 
     first = client.update_controller(run_id, global_step=1, weight_entropy=0.4, measured_kl=0.2, sample_count=2,
                                      reporter_id="a", request_id="a:1")
@@ -185,7 +186,7 @@ def test_report_validation(client, run_id):
 
 
 def test_default_report_is_apply_update():
-    config = RunConfig(**SETTINGS)
+    config = domain.WeightingConfig(**SETTINGS)
     state = ControllerState.initial(config, 0.0)
     for step in (3, 1, 1, 2):  # unnamed, R = 1: every report applies, even backwards
         update = ControllerUpdate(step, weight_entropy=0.2 * step, measured_kl=0.05 * step)
@@ -196,7 +197,7 @@ def test_default_report_is_apply_update():
 
 
 def test_pooled_means_weight_by_sample_count_and_missing_measurements():
-    config = RunConfig(**SETTINGS, reporters_per_step=3)
+    config = domain.WeightingConfig(**SETTINGS, reporters_per_step=3)
     state = ControllerState.initial(config, 0.0)
     state, r1 = report(config, state, ControllerUpdate(1, weight_entropy=0.2, measured_kl=0.3), 1.0,
                        reporter_id="a", sample_count=3.0)
@@ -215,9 +216,9 @@ def test_pooled_means_weight_by_sample_count_and_missing_measurements():
 
 
 def test_old_stored_state_and_config_load():
-    config = RunConfig(**SETTINGS)
+    config = domain.WeightingConfig(**SETTINGS)
     stored_config = {k: v for k, v in config.to_dict().items() if k != "reporters_per_step"}
-    assert RunConfig.from_dict(stored_config).reporters_per_step == 1
+    assert domain.WeightingConfig.from_dict(stored_config).reporters_per_step == 1
     state = ControllerState.initial(config, 0.0).to_dict()
     for name in ("pending_step", "pending_reporters", "pending_sums"):
         del state[name]

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import pytest
 import redis
-from maxent_server.domain import ControllerState, RunConfig
+from maxent_server.domain import ControllerState, WeightingConfig
 from maxent_server.store import (
     RunNotFound,
     RunPatterns,
@@ -30,7 +30,7 @@ from redis_process import REDIS_SERVER, SKIP_REASON, RedisProcess, make_tls_file
 # Only a missing redis-server binary skips; the redis package is a server dependency.
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)
 
-def bump(config: RunConfig, state: ControllerState) -> ControllerState:
+def bump(config: WeightingConfig, state: ControllerState) -> ControllerState:
     return replace(state, version=state.version + 1, beta=state.beta + 1.0)
 
 
@@ -81,7 +81,7 @@ def test_keys_name_the_prefix_layout_and_encoded_run_id(store, prefix):
 
 
 def test_request_ids_are_trimmed_to_the_retention_window(store, raw):
-    store.create_run("a", RunConfig(tau=1.0), now=1.0)
+    store.create_run("a", WeightingConfig(tau=1.0), now=1.0)
     for i in range(8):
         store.update_controller("a", f"r{i}", None, bump)
     keys = keys_of(store, "a")
@@ -92,7 +92,7 @@ def test_request_id_memory_expires(url, raw):
     s = store_from_url(url, request_id_ttl=1)
     try:
         keys = keys_of(s, "a")
-        s.create_run("a", RunConfig(), now=1.0)
+        s.create_run("a", WeightingConfig(), now=1.0)
         s.update_controller("a", "r1", None, bump)
         left = raw.pttl(keys["req"])
         assert left == -2 or 0 < left <= 1000  # -2: already gone on a slow machine
@@ -108,8 +108,8 @@ def test_request_id_memory_expires(url, raw):
 
 
 def test_delete_removes_every_key_of_the_run(store, raw, prefix):
-    store.create_run("a", RunConfig(), now=1.0)
-    store.create_run("keep", RunConfig(), now=1.0)
+    store.create_run("a", WeightingConfig(), now=1.0)
+    store.create_run("keep", WeightingConfig(), now=1.0)
     store.update_controller("a", "r1", None, bump)
     store.delete_run("a")
     assert sorted(raw.keys(f"{prefix}:*")) == [keys_of(store, "keep")["run"], f"{prefix}:v2:runs"]
@@ -121,7 +121,7 @@ def test_delete_removes_every_key_of_the_run(store, raw, prefix):
 def test_the_same_request_id_on_every_replica_at_once_applies_once(url):
     replicas = [store_from_url(url) for _ in range(4)]
     try:
-        replicas[0].create_run("a", RunConfig(), now=1.0)
+        replicas[0].create_run("a", WeightingConfig(), now=1.0)
         for round_ in range(20):
             barrier = threading.Barrier(4)
 
@@ -144,7 +144,7 @@ def test_a_write_between_read_and_commit_is_not_lost(url):
     replica's write there makes this one start again from the new state."""
     mine, other = store_from_url(url), store_from_url(url)
     try:
-        mine.create_run("a", RunConfig(), now=1.0)
+        mine.create_run("a", WeightingConfig(), now=1.0)
         seen: list[int] = []
 
         def interfering(config, state):
@@ -164,7 +164,7 @@ def test_a_write_between_read_and_commit_is_not_lost(url):
 def test_expected_version_is_checked_against_the_fresh_state_after_a_conflict(url):
     mine, other = store_from_url(url), store_from_url(url)
     try:
-        mine.create_run("a", RunConfig(), now=1.0)
+        mine.create_run("a", WeightingConfig(), now=1.0)
 
         def interfering(config, state):
             other.update_controller("a", "", None, bump)
@@ -181,20 +181,20 @@ def test_expected_version_is_checked_against_the_fresh_state_after_a_conflict(ur
 def test_a_run_deleted_and_recreated_mid_update_gets_the_update_on_its_new_self(url):
     mine, other = store_from_url(url), store_from_url(url)
     try:
-        mine.create_run("a", RunConfig(tau=1.0), now=1.0)
+        mine.create_run("a", WeightingConfig(tau=1.0), now=1.0)
         mine.update_controller("a", "", None, bump)
-        configs: list[RunConfig] = []
+        configs: list[WeightingConfig] = []
 
         def interfering(config, state):
             configs.append(config)
             if len(configs) == 1:
                 other.delete_run("a")
-                other.create_run("a", RunConfig(tau=2.0), now=2.0)
+                other.create_run("a", WeightingConfig(tau=2.0), now=2.0)
             return bump(config, state)
 
         outcome = mine.update_controller("a", "r", None, interfering)
-        assert configs == [RunConfig(tau=1.0), RunConfig(tau=2.0)]
-        assert outcome.state.version == 1 and mine.get_run("a").config == RunConfig(tau=2.0)
+        assert configs == [WeightingConfig(tau=1.0), WeightingConfig(tau=2.0)]
+        assert outcome.state.version == 1 and mine.get_run("a").config == WeightingConfig(tau=2.0)
 
         def deleting(config, state):
             other.delete_run("a")
@@ -210,7 +210,7 @@ def test_a_run_deleted_and_recreated_mid_update_gets_the_update_on_its_new_self(
 def test_a_replica_never_answers_from_what_it_wrote_before(url, raw):
     mine, other = store_from_url(url), store_from_url(url)
     try:
-        mine.create_run("a", RunConfig(), now=1.0)
+        mine.create_run("a", WeightingConfig(), now=1.0)
         mine.update_controller("a", "m1", None, bump)
         for i in range(3):
             other.update_controller("a", f"o{i}", None, bump)
@@ -233,7 +233,7 @@ def test_a_replica_never_answers_from_what_it_wrote_before(url, raw):
 def test_a_turn_claimed_by_a_writer_that_went_away_lapses(store, raw):
     """A writer that keeps losing claims the next turn; if it never comes
     back, the claim runs out and the others go on."""
-    store.create_run("a", RunConfig(), now=1.0)
+    store.create_run("a", WeightingConfig(), now=1.0)
     now_ms = int(raw.time()[0]) * 1000 + int(raw.time()[1]) // 1000
     run_key = keys_of(store, "a")["run"]
     raw.hset(run_key, mapping={"claimant": "ghost", "claim_until": now_ms + 300})
@@ -248,8 +248,8 @@ def test_prefixes_keep_deployments_apart(redis_server, raw):
     a = store_from_url(redis_server.url(prefix="deploy-a"))
     b = store_from_url(redis_server.url(prefix="deploy-b"))
     try:
-        a.create_run("shared-name", RunConfig(tau=1.0), now=1.0)
-        b.create_run("shared-name", RunConfig(tau=2.0), now=1.0)  # no conflict: another deployment
+        a.create_run("shared-name", WeightingConfig(tau=1.0), now=1.0)
+        b.create_run("shared-name", WeightingConfig(tau=2.0), now=1.0)  # no conflict: another deployment
         a.update_controller("shared-name", "r", None, bump)
         assert b.get_run("shared-name").state.version == 0
         assert not b.update_controller("shared-name", "r", None, bump).replayed
@@ -265,7 +265,7 @@ def test_prefixes_keep_deployments_apart(redis_server, raw):
 def test_databases_are_apart(redis_server):
     zero, five = store_from_url(redis_server.url(0, prefix="db")), store_from_url(redis_server.url(5, prefix="db"))
     try:
-        zero.create_run("x", RunConfig(), now=1.0)
+        zero.create_run("x", WeightingConfig(), now=1.0)
         with pytest.raises(RunNotFound):
             five.get_run("x")
         zero.delete_run("x")
@@ -285,14 +285,14 @@ def test_no_prefix_reaches_another_prefixes_runs(redis_server, raw, outer, inner
     a = store_from_url(redis_server.url(prefix=f"{tag}{outer}"))
     b = store_from_url(redis_server.url(prefix=f"{tag}{inner}"))
     try:
-        a.create_run(run_id, RunConfig(tau=1.0), now=1.0)
+        a.create_run(run_id, WeightingConfig(tau=1.0), now=1.0)
         a.update_controller(run_id, "r", None, bump)
         assert b.list_runs(None, 10) == []
         with pytest.raises(RunNotFound):
             b.get_run(inner_id)
         with pytest.raises(RunNotFound):
             b.update_controller(inner_id, "r", None, bump)
-        b.create_run(inner_id, RunConfig(tau=2.0), now=2.0)  # its own run, no conflict, no WRONGTYPE
+        b.create_run(inner_id, WeightingConfig(tau=2.0), now=2.0)  # its own run, no conflict, no WRONGTYPE
         assert not b.update_controller(inner_id, "r", None, bump).replayed
         assert [r.run_id for r in b.list_runs(None, 10)] == [inner_id]
         assert [r.run_id for r in a.list_runs(None, 10)] == [run_id]
@@ -311,7 +311,7 @@ def test_runs_of_the_v1_layout_are_moved_by_migrate_v1(redis_server, raw, prefix
     the new store warns that they are there and does not read them;
     migrate-v1 moves them with their request ids and history."""
     store = store_from_url(redis_server.url(prefix=prefix))
-    store.create_run("template", RunConfig(tau=0.7), now=3.0)
+    store.create_run("template", WeightingConfig(tau=0.7), now=3.0)
     store.update_controller("template", "req-1", None, bump)
     new_keys = keys_of(store, "template")
     fields = raw.hgetall(new_keys["run"])
@@ -332,7 +332,7 @@ def test_runs_of_the_v1_layout_are_moved_by_migrate_v1(redis_server, raw, prefix
     assert result.returncode == 0 and "moved 2 runs" in result.stdout, result.stderr
     assert [r.run_id for r in store.list_runs(None, 10)] == ["a", "team/b:c"]
     for run_id in ("a", "team/b:c"):
-        assert store.get_run(run_id).config == RunConfig(tau=0.7) and store.get_run(run_id).create_time == 3.0
+        assert store.get_run(run_id).config == WeightingConfig(tau=0.7) and store.get_run(run_id).create_time == 3.0
         assert store.update_controller(run_id, "req-1", None, bump).replayed
         assert [state.version for state in store.states_since(run_id, 0, 10)] == [1]
     assert sorted(raw.keys(f"{prefix}:*")) == sorted([f"{prefix}:v2:runs"] + [
@@ -381,7 +381,7 @@ def test_auth_with_a_password(tmp_path):
     try:
         good = RedisStore.from_url(server.url(startup_wait=0))
         good.ping()
-        good.create_run("a", RunConfig(), now=1.0)
+        good.create_run("a", WeightingConfig(), now=1.0)
         good.close()
         wrong = RedisStore.from_url(f"redis://:nope@127.0.0.1:{server.port}/0?startup_wait=30")
         start = time.monotonic()
@@ -407,7 +407,7 @@ def test_acl_user_limited_to_its_prefix(tmp_path, monkeypatch):
         monkeypatch.setenv("MAXENT_REDIS_PASSWORD", "team-a-pw")
         s = RedisStore.from_url(f"redis://127.0.0.1:{server.port}/0?prefix=team-a&startup_wait=0")
         s.ping()
-        s.create_run("r", RunConfig(), now=1.0)
+        s.create_run("r", WeightingConfig(), now=1.0)
         s.update_controller("r", "x", None, bump)
         assert [r.run_id for r in s.list_runs(None, 5)] == ["r"]
         assert [r.run_id for r in s.list_matching(RunPatterns(["?"]), None, 5)] == ["r"]
@@ -433,7 +433,7 @@ def test_tls_and_mutual_tls(tmp_path):
                          startup_wait=0)
         s = open_store(url, "")
         s.ping()
-        s.create_run("tls-run", RunConfig(tau=0.5), now=1.0)
+        s.create_run("tls-run", WeightingConfig(tau=0.5), now=1.0)
         assert s.update_controller("tls-run", "r", None, bump).state.version == 1
         assert s.path.startswith("rediss://") and "pw" not in s.path
         s.close()
@@ -462,7 +462,7 @@ def _every_call(s: RedisStore) -> dict:
         "ping": s.ping,
         "get": lambda: s.get_run("a"),
         "list": lambda: s.list_runs(None, 10),
-        "create": lambda: s.create_run("b", RunConfig(), now=2.0),
+        "create": lambda: s.create_run("b", WeightingConfig(), now=2.0),
         "update": lambda: s.update_controller("a", "during", None, bump),
         "delete": lambda: s.delete_run("a"),
     }
@@ -473,7 +473,7 @@ def test_killed_redis_is_unavailable_then_recovers_with_the_state(tmp_path):
     s = RedisStore.from_url(server.url(prefix="k", timeout=2, connect_timeout=1, startup_wait=0))
     try:
         s.ping()
-        s.create_run("a", RunConfig(tau=1.0), now=1.0)
+        s.create_run("a", WeightingConfig(tau=1.0), now=1.0)
         acknowledged = s.update_controller("a", "before", None, bump).state
         server.kill()
         for name, call in _every_call(s).items():
@@ -494,7 +494,7 @@ def test_hung_redis_times_out_as_unavailable(tmp_path):
     s = RedisStore.from_url(server.url(prefix="h", timeout=1, connect_timeout=1, startup_wait=0))
     try:
         s.ping()
-        s.create_run("a", RunConfig(), now=1.0)
+        s.create_run("a", WeightingConfig(), now=1.0)
         server.pause()
         start = time.monotonic()
         with pytest.raises(StoreUnavailable):
@@ -520,7 +520,7 @@ def test_first_ping_waits_for_redis_to_come_up(tmp_path):
     starter.start()
     try:
         s.ping()  # returns once Redis is up
-        s.create_run("a", RunConfig(), now=1.0)
+        s.create_run("a", WeightingConfig(), now=1.0)
     finally:
         starter.join()
         s.close()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from math_verify import parse, verify
 
-from maxent_server.rewards import ParamSpec, RewardRegistry, RewardRunner, TermSpec
+from maxent_server.rewards import ParamSpec, RewardRegistry, RewardRunner, RewardTerm
 from maxent_server.rewards.params import parse_params
 from maxent_server.rewards.pool import Cancelled
 
@@ -34,7 +34,7 @@ def runner():
 
 
 def term(name, **params):
-    return TermSpec(name=name, weight=1.0, params={k: str(v) for k, v in params.items()})
+    return RewardTerm(name=name, weight=1.0, params={k: str(v) for k, v in params.items()})
 
 
 def values_of(runner, name, completions, answers=None, token_counts=None, max_completion_len=None, **params):
@@ -257,7 +257,7 @@ def test_validate(runner):
         term("keyword_match"),
         term("keyword_match", keyword="a", case_sensitive="maybe", score="-1"),
         term("math_accuracy", float_rounding="99"),
-        TermSpec(name="", weight=1.0, params={}),
+        RewardTerm(name="", weight=1.0, params={}),
     ]
     problems = runner.validate(terms)
     assert problems == [

@@ -14,10 +14,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 import reference as ref
 from maxent_client import (
     AlreadyExistsError,
-    Denominator,
     InvalidArgumentError,
     NotFoundError,
     VersionConflictError,
+    WeightDenominator,
     WeightingConfig,
 )
 
@@ -115,7 +115,7 @@ def test_reward_statistics_use_run_defaults(client, run_id):
 
 
 def test_weight_stats_match_reference(client, run_id):
-    client.create_run(run_id, WeightingConfig(tau=0.4, beta=0.1, denominator=Denominator.TAU))
+    client.create_run(run_id, WeightingConfig(tau=0.4, beta=0.1, denominator=WeightDenominator.TAU))
     rng = np.random.default_rng(11)
     sizes, utilities, ref_logp, counts = _batch(rng, groups=15)
     q = ref.reward_statistics(sizes.tolist(), utilities.tolist()).q_values

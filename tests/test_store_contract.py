@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from maxent_server.auth import Principal, Role
-from maxent_server.domain import ControllerState, RunConfig
+from maxent_server.domain import ControllerState, WeightingConfig
 from maxent_server.store import (
     REQUEST_ID_RETENTION,
     RunConflict,
@@ -31,7 +31,7 @@ from redis_process import REDIS_SERVER, SKIP_REASON, RedisProcess
 BACKENDS = ["sqlite", pytest.param("redis", marks=pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON))]
 
 
-def bump(config: RunConfig, state: ControllerState) -> ControllerState:
+def bump(config: WeightingConfig, state: ControllerState) -> ControllerState:
     return replace(state, version=state.version + 1, beta=state.beta + 1.0)
 
 
@@ -100,16 +100,16 @@ def test_open_store_opens_the_backend_named(backend):
 
 
 def test_create_is_idempotent_for_the_same_config(store):
-    record, created = store.create_run("a", RunConfig(tau=1.0), now=1.5)
-    again, created_again = store.create_run("a", RunConfig(tau=1.0), now=2.0)
+    record, created = store.create_run("a", WeightingConfig(tau=1.0), now=1.5)
+    again, created_again = store.create_run("a", WeightingConfig(tau=1.0), now=2.0)
     assert created and not created_again and again == record
     assert store.get_run("a") == record and record.create_time == 1.5
     with pytest.raises(RunConflict):
-        store.create_run("a", RunConfig(tau=2.0), now=3.0)
+        store.create_run("a", WeightingConfig(tau=2.0), now=3.0)
 
 
 def test_config_and_state_round_trip_exactly(store):
-    config = RunConfig(tau=0.1 + 0.2, beta=1e-300, target_entropy_start=1.0, target_entropy_final=0.25,
+    config = WeightingConfig(tau=0.1 + 0.2, beta=1e-300, target_entropy_start=1.0, target_entropy_final=0.25,
                        target_entropy_horizon=7, tau_max=0.0, meta_enabled=True)
     store.create_run("exact", config, now=1234567890.123456)
 
@@ -134,27 +134,27 @@ def test_get_and_delete_unknown_runs(store):
 
 
 def test_delete_frees_the_id(store):
-    store.create_run("a", RunConfig(), now=1.0)
-    store.create_run("keep", RunConfig(), now=1.0)
+    store.create_run("a", WeightingConfig(), now=1.0)
+    store.create_run("keep", WeightingConfig(), now=1.0)
     store.update_controller("a", "r1", None, bump)
     store.delete_run("a")
     assert ids_of(store.list_runs(None, 10)) == ["keep"]
     with pytest.raises(RunNotFound):
         store.get_run("a")
     # The id is free again, with a fresh controller and no request ids.
-    store.create_run("a", RunConfig(tau=2.0), now=2.0)
+    store.create_run("a", WeightingConfig(tau=2.0), now=2.0)
     assert not store.update_controller("a", "r1", None, bump).replayed
     assert store.get_run("a").state.version == 1
 
 
 def test_state_survives_reopening(backend):
     s = backend.open()
-    s.create_run("b", RunConfig(tau=0.5, target_entropy=1.0), now=1.0)
+    s.create_run("b", WeightingConfig(tau=0.5, target_entropy=1.0), now=1.0)
     s.update_controller("b", "r", None, bump)
     s.close()
     reopened = backend.open()
     assert reopened.get_run("b").state.version == 1
-    assert reopened.get_run("b").config == RunConfig(tau=0.5, target_entropy=1.0)
+    assert reopened.get_run("b").config == WeightingConfig(tau=0.5, target_entropy=1.0)
     assert reopened.update_controller("b", "r", None, bump).replayed
     reopened.delete_run("b")
     with pytest.raises(RunNotFound):
@@ -165,7 +165,7 @@ def test_state_survives_reopening(backend):
 
 
 def test_replay_returns_the_first_result(store):
-    store.create_run("a", RunConfig(tau=1.0), now=1.0)
+    store.create_run("a", WeightingConfig(tau=1.0), now=1.0)
     first = store.update_controller("a", "req-1", None, bump)
     second = store.update_controller("a", "req-1", None, bump)
     assert not first.replayed and second.replayed and second.state == first.state
@@ -173,7 +173,7 @@ def test_replay_returns_the_first_result(store):
 
 
 def test_replay_is_checked_before_expected_version(store):
-    store.create_run("a", RunConfig(), now=1.0)
+    store.create_run("a", WeightingConfig(), now=1.0)
     first = store.update_controller("a", "req-1", 0, bump)
     store.update_controller("a", "req-2", 1, bump)
     again = store.update_controller("a", "req-1", 0, bump)  # stale expected_version, but a replay
@@ -181,7 +181,7 @@ def test_replay_is_checked_before_expected_version(store):
 
 
 def test_expected_version_and_failed_step_change_nothing(store):
-    store.create_run("a", RunConfig(tau=1.0), now=1.0)
+    store.create_run("a", WeightingConfig(tau=1.0), now=1.0)
     with pytest.raises(VersionMismatch) as info:
         store.update_controller("a", "x", 3, bump)
     assert (info.value.expected, info.value.actual) == (3, 0)
@@ -197,14 +197,14 @@ def test_expected_version_and_failed_step_change_nothing(store):
 
 
 def test_updates_without_request_id_all_apply(store):
-    store.create_run("a", RunConfig(), now=1.0)
+    store.create_run("a", WeightingConfig(), now=1.0)
     for _ in range(3):
         assert not store.update_controller("a", "", None, bump).replayed
     assert store.get_run("a").state.version == 3
 
 
 def test_request_ids_are_kept_for_the_retention_window(store):
-    store.create_run("a", RunConfig(tau=1.0), now=1.0)
+    store.create_run("a", WeightingConfig(tau=1.0), now=1.0)
     for i in range(8):
         store.update_controller("a", f"r{i}", None, bump)
     assert store.update_controller("a", "r7", None, bump).replayed
@@ -217,7 +217,7 @@ def test_default_retention_is_at_least_ten_thousand(backend):
 
 
 def test_concurrent_updates_count_exactly(store):
-    store.create_run("a", RunConfig(tau=1.0), now=1.0)
+    store.create_run("a", WeightingConfig(tau=1.0), now=1.0)
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(lambda i: store.update_controller("a", f"req-{i}", None, bump), range(200)))
     state = store.get_run("a").state
@@ -227,7 +227,7 @@ def test_concurrent_updates_count_exactly(store):
 
 def test_concurrent_updates_from_several_store_objects_count_exactly(backend):
     replicas = [backend.open() for _ in range(3)]
-    replicas[0].create_run("a", RunConfig(tau=1.0), now=1.0)
+    replicas[0].create_run("a", WeightingConfig(tau=1.0), now=1.0)
     with ThreadPoolExecutor(12) as pool:
         outcomes = list(pool.map(lambda i: replicas[i % 3].update_controller("a", f"req-{i}", None, bump),
                                  range(300)))
@@ -239,7 +239,7 @@ def test_concurrent_updates_from_several_store_objects_count_exactly(backend):
 
 
 def test_reads_from_other_threads_see_every_commit(store):
-    store.create_run("c", RunConfig(tau=1.0), now=1.0)
+    store.create_run("c", WeightingConfig(tau=1.0), now=1.0)
     with ThreadPoolExecutor(4) as readers:
         for i in range(1, 30):
             store.update_controller("c", f"req-{i}", None, bump)
@@ -251,7 +251,7 @@ def test_reads_from_other_threads_see_every_commit(store):
 
 
 def test_states_since_reads_the_history_in_order(store):
-    store.create_run("h", RunConfig(), now=1.0)
+    store.create_run("h", WeightingConfig(), now=1.0)
     for i in range(8):
         store.update_controller("h", f"r{i}", None, bump)
     assert [s.version for s in store.states_since("h", 0, 100)] == [4, 5, 6, 7, 8]  # the last 5 are kept
@@ -265,7 +265,7 @@ def test_states_since_reads_the_history_in_order(store):
 def test_list_runs_is_ordered_and_pages(store):
     ids = ["b", "a/2", "a", "c:1", "B", "a-1", "z" * 128]
     for run_id in ids:
-        store.create_run(run_id, RunConfig(), now=1.0)
+        store.create_run(run_id, WeightingConfig(), now=1.0)
     assert ids_of(store.list_runs(None, 100)) == sorted(ids)
     pages, after = [], None
     while True:
@@ -282,7 +282,7 @@ def test_list_runs_is_ordered_and_pages(store):
 def test_list_matching_reads_by_prefix(store):
     ids = ["team-a/1", "team-a/2", "team-aa/1", "team-b/1", "x-eval", "team-a/x-eval", "zz"]
     for run_id in ids:
-        store.create_run(run_id, RunConfig(tau=0.5), now=1.0)
+        store.create_run(run_id, WeightingConfig(tau=0.5), now=1.0)
     assert ids_of(store.list_matching(RunPatterns(["team-a/*"]), None, 10)) == ["team-a/1", "team-a/2",
                                                                               "team-a/x-eval"]
     assert ids_of(store.list_matching(RunPatterns(["*-eval", "zz"]), None, 10)) == ["team-a/x-eval", "x-eval", "zz"]
@@ -297,7 +297,7 @@ def test_listing_resumes_across_scan_steps(store):
     scattered among them all come back, in order, at any page size."""
     ids = [f"r/{i:04d}" + ("-eval" if i % 290 == 5 else "") for i in range(600)]
     for run_id in ids:
-        store.create_run(run_id, RunConfig(), now=1.0)
+        store.create_run(run_id, WeightingConfig(), now=1.0)
     for patterns in (["*-eval"], ["r/0*-eval", "r/05?5*"], ["r/*"], ["r/05[!0]?"]):
         principal = Principal("p", Role.READ, tuple(patterns))
         wanted = [i for i in ids if principal.may_access(i)]
@@ -347,7 +347,7 @@ def test_listing_equals_a_plain_filter_of_every_id(store, data, ids, page, after
     patterns = data.draw(st.lists(_pattern_for(ids), min_size=1, max_size=3), label="patterns")
     _reset(store)
     for run_id in ids:
-        store.create_run(run_id, RunConfig(), now=1.0)
+        store.create_run(run_id, WeightingConfig(), now=1.0)
     principal = Principal("p", Role.READ, tuple(patterns))
     wanted = sorted(i for i in ids if principal.may_access(i) and (after is None or i > after))
     assert wanted == sorted(i for i in ids if any(fnmatch.fnmatchcase(i, p) for p in patterns)
@@ -375,7 +375,7 @@ def test_sqlite_reads_never_wait_for_the_writer(tmp_path):
     s = SqliteStore(tmp_path / "state.sqlite3")
     try:
         assert s.local_reads
-        s.create_run("team-a/1", RunConfig(), now=1.0)
+        s.create_run("team-a/1", WeightingConfig(), now=1.0)
         with s._lock, ThreadPoolExecutor(1) as reader:
             assert reader.submit(s.get_run, "team-a/1").result(timeout=30).run_id == "team-a/1"
             assert ids_of(reader.submit(s.list_runs, None, 10).result(timeout=30)) == ["team-a/1"]
@@ -387,7 +387,7 @@ def test_sqlite_reads_never_wait_for_the_writer(tmp_path):
 
 def test_sqlite_close_closes_the_reader_connections(tmp_path):
     s = SqliteStore(tmp_path / "state.sqlite3")
-    s.create_run("d", RunConfig(), now=1.0)
+    s.create_run("d", WeightingConfig(), now=1.0)
     with ThreadPoolExecutor(2) as readers:
         assert list(readers.map(lambda _: s.get_run("d").run_id, range(4))) == ["d"] * 4
     s.get_run("d")

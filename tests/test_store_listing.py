@@ -17,7 +17,7 @@ import grpc
 import pytest
 from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
-from maxent_server.domain import RunConfig
+from maxent_server.domain import WeightingConfig
 from maxent_server.store import SqliteStore
 from ops_support import metadata, write_tokens
 from redis_process import REDIS_SERVER, SKIP_REASON, RedisProcess
@@ -44,7 +44,7 @@ def _fill_other_runs(path, count: int) -> None:
     create_run writes them). Every tenth has a record that cannot be decoded:
     a listing that reads any record it does not return fails on them."""
     store = SqliteStore(path)
-    store.create_run("other/template", RunConfig(tau=0.5), now=1.0)
+    store.create_run("other/template", WeightingConfig(tau=0.5), now=1.0)
     store.close()
     db = sqlite3.connect(path)
     config, state = db.execute("SELECT config, state FROM runs WHERE run_id = 'other/template'").fetchone()

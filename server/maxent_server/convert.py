@@ -4,40 +4,39 @@ from __future__ import annotations
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from maxent_api import pb
 from maxent_api.wire import array
 
 from .domain import (
-    Baseline,
+    AdvantageBaseline,
+    AdvantageScaling,
     ControllerState,
-    Denominator,
     EntropyScope,
-    RunConfig,
-    Scaling,
+    WeightDenominator,
+    WeightingConfig,
 )
 from .store import RunRecord
 
 _DENOMINATORS = {
-    pb.WEIGHT_DENOMINATOR_UNSPECIFIED: Denominator.TAU_PLUS_BETA,
-    pb.WEIGHT_DENOMINATOR_TAU_PLUS_BETA: Denominator.TAU_PLUS_BETA,
-    pb.WEIGHT_DENOMINATOR_TAU: Denominator.TAU,
+    pb.WEIGHT_DENOMINATOR_UNSPECIFIED: WeightDenominator.TAU_PLUS_BETA,
+    pb.WEIGHT_DENOMINATOR_TAU_PLUS_BETA: WeightDenominator.TAU_PLUS_BETA,
+    pb.WEIGHT_DENOMINATOR_TAU: WeightDenominator.TAU,
 }
 _DENOMINATOR_ENUMS = {
-    Denominator.TAU_PLUS_BETA: pb.WEIGHT_DENOMINATOR_TAU_PLUS_BETA,
-    Denominator.TAU: pb.WEIGHT_DENOMINATOR_TAU,
+    WeightDenominator.TAU_PLUS_BETA: pb.WEIGHT_DENOMINATOR_TAU_PLUS_BETA,
+    WeightDenominator.TAU: pb.WEIGHT_DENOMINATOR_TAU,
 }
 
 
 SCALINGS = {
-    pb.ADVANTAGE_SCALING_GROUP: Scaling.GROUP,
-    pb.ADVANTAGE_SCALING_BATCH: Scaling.BATCH,
-    pb.ADVANTAGE_SCALING_NONE: Scaling.NONE,
+    pb.ADVANTAGE_SCALING_GROUP: AdvantageScaling.GROUP,
+    pb.ADVANTAGE_SCALING_BATCH: AdvantageScaling.BATCH,
+    pb.ADVANTAGE_SCALING_NONE: AdvantageScaling.NONE,
 }
 _SCALING_ENUMS = {mode: value for value, mode in SCALINGS.items()}
 BASELINES = {
-    pb.ADVANTAGE_BASELINE_GROUP_MEAN: Baseline.GROUP_MEAN,
-    pb.ADVANTAGE_BASELINE_LEAVE_ONE_OUT: Baseline.LEAVE_ONE_OUT,
+    pb.ADVANTAGE_BASELINE_GROUP_MEAN: AdvantageBaseline.GROUP_MEAN,
+    pb.ADVANTAGE_BASELINE_LEAVE_ONE_OUT: AdvantageBaseline.LEAVE_ONE_OUT,
 }
 _BASELINE_ENUMS = {mode: value for value, mode in BASELINES.items()}
 
@@ -55,17 +54,17 @@ def known_denominator(value: int) -> bool:
     return value in _DENOMINATORS
 
 
-def scaling_of(message, default: Scaling) -> Scaling:
+def scaling_of(message, default: AdvantageScaling) -> AdvantageScaling:
     """The scaling a message asks for: its `advantage_scaling` enum, else its
     boolean `scale_rewards`, else `default`. Validated beforehand."""
     if message.advantage_scaling != pb.ADVANTAGE_SCALING_UNSPECIFIED:
         return SCALINGS[message.advantage_scaling]
     if message.HasField("scale_rewards"):
-        return Scaling.of(message.scale_rewards)
+        return AdvantageScaling.of(message.scale_rewards)
     return default
 
 
-def baseline_of(message, default: Baseline) -> Baseline:
+def baseline_of(message, default: AdvantageBaseline) -> AdvantageBaseline:
     if message.advantage_baseline != pb.ADVANTAGE_BASELINE_UNSPECIFIED:
         return BASELINES[message.advantage_baseline]
     return default
@@ -75,17 +74,17 @@ def _opt(message, name: str, default=None):
     return getattr(message, name) if message.HasField(name) else default
 
 
-def config_from_proto(msg: pb.WeightingConfig) -> RunConfig:
-    """A RunConfig with the documented defaults for unset optional fields."""
-    return RunConfig(
+def config_from_proto(msg: pb.WeightingConfig) -> WeightingConfig:
+    """A WeightingConfig with the documented defaults for unset optional fields."""
+    return WeightingConfig(
         tau=msg.tau,
         beta=msg.beta,
         denominator=_DENOMINATORS[msg.denominator],
         length_normalize_ref=_opt(msg, "length_normalize_ref", True),
         q_temperature=_opt(msg, "q_temperature", 1.0),
         q_epsilon=_opt(msg, "q_epsilon", 1e-6),
-        scale_rewards=scaling_of(msg, Scaling.GROUP),
-        advantage_baseline=baseline_of(msg, Baseline.GROUP_MEAN),
+        scale_rewards=scaling_of(msg, AdvantageScaling.GROUP),
+        advantage_baseline=baseline_of(msg, AdvantageBaseline.GROUP_MEAN),
         entropy_scope=ENTROPY_SCOPES[msg.entropy_scope],
         train_grpo_objective=msg.train_grpo_objective,
         target_entropy=_opt(msg, "target_entropy"),
@@ -108,11 +107,11 @@ def config_from_proto(msg: pb.WeightingConfig) -> RunConfig:
     )
 
 
-def config_to_proto(config: RunConfig) -> pb.WeightingConfig:
+def config_to_proto(config: WeightingConfig) -> pb.WeightingConfig:
     """The config with every default written out explicitly."""
     fields = config.to_dict()
     fields["denominator"] = _DENOMINATOR_ENUMS[config.denominator]
-    fields["scale_rewards"] = config.scale_rewards is not Scaling.NONE
+    fields["scale_rewards"] = config.scale_rewards is not AdvantageScaling.NONE
     fields["advantage_scaling"] = _SCALING_ENUMS[config.scale_rewards]
     fields["advantage_baseline"] = _BASELINE_ENUMS[config.advantage_baseline]
     fields["entropy_scope"] = _ENTROPY_SCOPE_ENUMS[config.entropy_scope]

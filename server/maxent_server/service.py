@@ -17,7 +17,6 @@ from typing import Any, Callable, TypeVar
 
 import grpc
 import numpy as np
-
 from maxent_api import SERVICE, pb, pb_grpc
 from maxent_api.wire import decode, encode, fill
 
@@ -27,7 +26,7 @@ from .domain import (
     MAX_ANSWER_TEXT_CHARS,
     ControllerUpdate,
     EntropyScope,
-    RunConfig,
+    WeightingConfig,
     final_answer,
 )
 from .domain.validation import (
@@ -42,7 +41,7 @@ from .domain.validation import (
 from .engine import (
     Engine,
     RewardOptions,
-    SeedGrpoSettings,
+    SeedGrpoOptions,
     WeightOptions,
     combine_rewards,
     pooling,
@@ -241,7 +240,7 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         return await self._run(self._compute, compute, request)
 
     def _reward_statistics(self, request, cancelled: threading.Event | None = None) -> EncodedResponse:
-        config = self.store.get_run(request.run_id).config if request.run_id else RunConfig()
+        config = self.store.get_run(request.run_id).config if request.run_id else WeightingConfig()
         inputs = _RewardInputs.parse(request, config, self.rewards)
         utilities, valid, failed, per_reward = self._utilities(request, inputs, cancelled)
         stats = self.engine.reward_statistics(inputs.group_sizes, utilities, inputs.options, valid=valid,
@@ -359,7 +358,7 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         update, expected, reporter, samples = _parse_update(request)
         results: list[ReportResult] = []  # the store may run `step` more than once: the last run is what it wrote
 
-        def step(config: RunConfig, state):
+        def step(config: WeightingConfig, state):
             new, result = pooling.report(
                 config, state, update, self.clock(), reporter_id=reporter, sample_count=samples
             )
@@ -642,7 +641,7 @@ class _RewardInputs:
     """Validated, converted arrays and options of a ComputeRewardStatistics call."""
 
     @classmethod
-    def parse(cls, request, config: RunConfig, rewards, violations: Violations | None = None) -> "_RewardInputs":
+    def parse(cls, request, config: WeightingConfig, rewards, violations: Violations | None = None) -> "_RewardInputs":
         """Raises InvalidArgument, unless `violations` is given to collect into."""
         self = cls()
         v = Violations() if violations is None else violations
@@ -697,12 +696,12 @@ class _RewardInputs:
 def _terms(request) -> list:
     if not len(request.rewards):
         return []
-    from .rewards import TermSpec
+    from .rewards import RewardTerm
 
-    return [TermSpec(t.name, t.weight, dict(t.params)) for t in request.rewards]
+    return [RewardTerm(t.name, t.weight, dict(t.params)) for t in request.rewards]
 
 
-def _reward_options(v: Violations, request, config: RunConfig, inputs: _RewardInputs) -> RewardOptions:
+def _reward_options(v: Violations, request, config: WeightingConfig, inputs: _RewardInputs) -> RewardOptions:
     has = request.HasField
     temperature = request.q_temperature if has("q_temperature") else config.q_temperature
     epsilon = request.q_epsilon if has("q_epsilon") else config.q_epsilon
@@ -735,12 +734,12 @@ def _known(choose: Callable, request, default):
         return default
 
 
-def _seed_settings(v: Violations, request, inputs: _RewardInputs) -> SeedGrpoSettings | None:
+def _seed_settings(v: Violations, request, inputs: _RewardInputs) -> SeedGrpoOptions | None:
     seed = request.seed_grpo
     if not seed.enabled:
         return None
     n = len(request.completions) if len(request.rewards) else (len(inputs.utilities) if inputs.utilities is not None else 0)
-    settings = SeedGrpoSettings(
+    settings = SeedGrpoOptions(
         alpha=seed.alpha if seed.HasField("alpha") else 0.0417,
         normalize_by_max_entropy=seed.normalize_by_max_entropy if seed.HasField("normalize_by_max_entropy") else True,
         length_normalize_logprobs=seed.length_normalize_logprobs if seed.HasField("length_normalize_logprobs") else True,

@@ -5,25 +5,25 @@ the engine imports torch."""
 
 from .answers import MAX_ANSWER_TEXT_CHARS, final_answer, last_boxed
 from .controller import (
-    Baseline,
+    AdvantageBaseline,
+    AdvantageScaling,
     ControllerState,
     ControllerUpdate,
-    Denominator,
     EntropyScope,
-    RunConfig,
-    Scaling,
+    WeightDenominator,
+    WeightingConfig,
     apply_update,
 )
 
 __all__ = [
     "MAX_ANSWER_TEXT_CHARS",
-    "Baseline",
+    "AdvantageBaseline",
     "ControllerState",
     "ControllerUpdate",
-    "Denominator",
+    "WeightDenominator",
     "EntropyScope",
-    "RunConfig",
-    "Scaling",
+    "WeightingConfig",
+    "AdvantageScaling",
     "apply_update",
     "final_answer",
     "last_boxed",

@@ -11,12 +11,12 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 
-class Denominator(str, Enum):
+class WeightDenominator(str, Enum):
     TAU_PLUS_BETA = "tau_plus_beta"
     TAU = "tau"
 
 
-class Scaling(str, Enum):
+class AdvantageScaling(str, Enum):
     """What divides the centred utilities: the group's std, the batch's, or nothing."""
 
     GROUP = "group"
@@ -24,14 +24,14 @@ class Scaling(str, Enum):
     NONE = "none"
 
     @classmethod
-    def of(cls, value: "bool | str | Scaling") -> "Scaling":
+    def of(cls, value: "bool | str | AdvantageScaling") -> "AdvantageScaling":
         """True is GROUP and False NONE (the boolean `scale_rewards` of old)."""
         if isinstance(value, bool):
             return cls.GROUP if value else cls.NONE
         return cls(value)
 
 
-class Baseline(str, Enum):
+class AdvantageBaseline(str, Enum):
     """What is subtracted from each utility: the group mean, or (RLOO) the
     mean of the other members of the group."""
 
@@ -48,18 +48,18 @@ class EntropyScope(str, Enum):
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class WeightingConfig:
     """A run's weighting and controller configuration, defaults applied."""
 
     tau: float = 0.0
     beta: float = 0.0
-    denominator: Denominator = Denominator.TAU_PLUS_BETA
+    denominator: WeightDenominator = WeightDenominator.TAU_PLUS_BETA
     length_normalize_ref: bool = True
     q_temperature: float = 1.0
     q_epsilon: float = 1e-6
     # Scaling of advantages; True/False are taken as GROUP/NONE.
-    scale_rewards: Scaling = Scaling.GROUP
-    advantage_baseline: Baseline = Baseline.GROUP_MEAN
+    scale_rewards: AdvantageScaling = AdvantageScaling.GROUP
+    advantage_baseline: AdvantageBaseline = AdvantageBaseline.GROUP_MEAN
     entropy_scope: EntropyScope = EntropyScope.ALL_GROUPS
     train_grpo_objective: bool = False
     target_entropy: float | None = None
@@ -85,8 +85,8 @@ class RunConfig:
     reporters_per_step: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale_rewards", Scaling.of(self.scale_rewards))
-        object.__setattr__(self, "advantage_baseline", Baseline(self.advantage_baseline))
+        object.__setattr__(self, "scale_rewards", AdvantageScaling.of(self.scale_rewards))
+        object.__setattr__(self, "advantage_baseline", AdvantageBaseline(self.advantage_baseline))
         object.__setattr__(self, "entropy_scope", EntropyScope(self.entropy_scope))
 
     def to_dict(self) -> dict:
@@ -96,10 +96,10 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
+    def from_dict(cls, data: dict) -> "WeightingConfig":
         """Also reads configs stored before scaling had three modes (a bool)."""
         data = dict(data)
-        data["denominator"] = Denominator(data.get("denominator", Denominator.TAU_PLUS_BETA.value))
+        data["denominator"] = WeightDenominator(data.get("denominator", WeightDenominator.TAU_PLUS_BETA.value))
         return cls(**data)
 
     def target_entropy_at(self, step: int) -> float | None:
@@ -168,7 +168,7 @@ class ControllerState:
     pending_sums: tuple[tuple[str, float, float], ...] = ()
 
     @classmethod
-    def initial(cls, config: RunConfig, now: float) -> "ControllerState":
+    def initial(cls, config: WeightingConfig, now: float) -> "ControllerState":
         return cls(
             tau=config.tau,
             beta=config.beta,
@@ -202,14 +202,14 @@ class ControllerUpdate:
     max_weight_entropy: float | None = None
 
 
-def _clamp_tau(config: RunConfig, tau: float) -> float:
+def _clamp_tau(config: WeightingConfig, tau: float) -> float:
     tau = max(tau, config.tau_min)
     if config.tau_max > 0:
         tau = min(tau, config.tau_max)
     return tau
 
 
-def _meta_step(config: RunConfig, state: ControllerState, update: ControllerUpdate, target: float | None) -> dict:
+def _meta_step(config: WeightingConfig, state: ControllerState, update: ControllerUpdate, target: float | None) -> dict:
     changes: dict = {}
     tau_grad = update.tau_grad
     if tau_grad is None and update.weight_entropy is not None and target is not None:
@@ -228,7 +228,7 @@ def _meta_step(config: RunConfig, state: ControllerState, update: ControllerUpda
     return changes
 
 
-def _tau_step(config: RunConfig, state: ControllerState, update: ControllerUpdate, target: float | None) -> dict:
+def _tau_step(config: WeightingConfig, state: ControllerState, update: ControllerUpdate, target: float | None) -> dict:
     """The entropy EMA (whenever an entropy is reported after warm-up) and,
     with a target, the log-tau step with anti-windup at the clamp."""
     entropy = update.weight_entropy
@@ -249,7 +249,7 @@ def _tau_step(config: RunConfig, state: ControllerState, update: ControllerUpdat
     return {"entropy_ema": ema, "tau_log": tau_log, "tau": tau}
 
 
-def _kl_step(config: RunConfig, state: ControllerState, update: ControllerUpdate) -> dict:
+def _kl_step(config: WeightingConfig, state: ControllerState, update: ControllerUpdate) -> dict:
     kl = update.measured_kl
     if kl is None or config.kl_target <= 0 or config.kl_horizon <= 0 or config.kl_step_size <= 0:
         return {}
@@ -258,14 +258,16 @@ def _kl_step(config: RunConfig, state: ControllerState, update: ControllerUpdate
     return {"beta": state.beta * max(1.0 + error / config.kl_horizon, _BETA_FACTOR_FLOOR)}
 
 
-def _at_bound(config: RunConfig, tau: float) -> bool:
+def _at_bound(config: WeightingConfig, tau: float) -> bool:
     """Tau at tau_min (> 0) or at tau_max (> 0), on a run that adapts tau."""
     if not config.adapts_tau:
         return False
     return (config.tau_min > 0 and tau <= config.tau_min) or (config.tau_max > 0 and tau >= config.tau_max)
 
 
-def apply_update(config: RunConfig, state: ControllerState, update: ControllerUpdate, now: float) -> ControllerState:
+def apply_update(
+    config: WeightingConfig, state: ControllerState, update: ControllerUpdate, now: float
+) -> ControllerState:
     """Return the state after one accepted update (the version rises by one)."""
     max_entropy = update.max_weight_entropy if update.max_weight_entropy is not None else state.last_max_weight_entropy
     target = config.target_at(update.global_step, max_entropy)
@@ -289,4 +291,4 @@ def apply_update(config: RunConfig, state: ControllerState, update: ControllerUp
     )
 
 
-__all__ = ["ControllerState", "ControllerUpdate", "Denominator", "RunConfig", "apply_update"]
+__all__ = ["ControllerState", "ControllerUpdate", "WeightDenominator", "WeightingConfig", "apply_update"]

@@ -4,13 +4,13 @@ Configuration and the controller's pure update live in the torch-free
 :mod:`maxent_server.domain`; this package computes with them."""
 
 from .core import Engine, RewardOptions, RewardStatistics, WeightOptions, WeightStats, combine_rewards, resolve_device
-from .statistics import SeedGrpoSettings
+from .statistics import SeedGrpoOptions
 
 __all__ = [
     "Engine",
     "RewardOptions",
     "RewardStatistics",
-    "SeedGrpoSettings",
+    "SeedGrpoOptions",
     "WeightOptions",
     "WeightStats",
     "combine_rewards",

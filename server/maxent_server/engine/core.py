@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..domain.controller import Denominator
+from ..domain.controller import WeightDenominator
 from .segments import Segments
 from .statistics import (
-    Baseline,
-    SeedGrpoSettings,
+    AdvantageBaseline,
+    SeedGrpoOptions,
     group_advantages,
     listwise_q,
     reward_moments,
@@ -35,12 +35,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 class RewardOptions:
     q_temperature: float = 1.0
     q_epsilon: float = 1e-6
-    # True or "group", "batch", False or "none" (statistics.Scaling).
+    # True or "group", "batch", False or "none" (domain.AdvantageScaling).
     scale_rewards: bool | str = True
-    advantage_baseline: Baseline = Baseline.GROUP_MEAN
+    advantage_baseline: AdvantageBaseline = AdvantageBaseline.GROUP_MEAN
     zero_truncated_completion_rewards: bool = False
     max_completion_len: int | None = None
-    seed_grpo: SeedGrpoSettings | None = None
+    seed_grpo: SeedGrpoOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class RewardStatistics:
 class WeightOptions:
     tau: float
     beta: float
-    denominator: Denominator = Denominator.TAU_PLUS_BETA
+    denominator: WeightDenominator = WeightDenominator.TAU_PLUS_BETA
     length_normalize_ref: bool = True
     train_grpo_objective: bool = False
     include_reference_term: bool = True
@@ -67,7 +67,7 @@ class WeightOptions:
 
     @property
     def denominator_value(self) -> float:
-        return self.tau + self.beta if self.denominator is Denominator.TAU_PLUS_BETA else self.tau
+        return self.tau + self.beta if self.denominator is WeightDenominator.TAU_PLUS_BETA else self.tau
 
 
 @dataclass(frozen=True)

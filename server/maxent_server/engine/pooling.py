@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from ..domain.controller import ControllerState, ControllerUpdate, RunConfig, apply_update
+from ..domain.controller import ControllerState, ControllerUpdate, WeightingConfig, apply_update
 
 # Measurements pooled as n-weighted means: every optional number of an update.
 _POOLED = tuple(f.name for f in fields(ControllerUpdate) if f.name != "global_step")
@@ -42,12 +42,12 @@ class ReportResult:
     partial: bool = False
 
 
-def reporters_expected(config: RunConfig) -> int:
+def reporters_expected(config: WeightingConfig) -> int:
     return max(int(config.reporters_per_step), 1)
 
 
 def report(
-    config: RunConfig,
+    config: WeightingConfig,
     state: ControllerState,
     update: ControllerUpdate,
     now: float,
@@ -79,7 +79,7 @@ def report(
 
 
 def _pool(
-    config: RunConfig, state: ControllerState, update: ControllerUpdate, now: float,
+    config: WeightingConfig, state: ControllerState, update: ControllerUpdate, now: float,
     reporter_id: str, sample_count: float, expected: int,
 ) -> tuple[ControllerState, bool]:
     """Add a report to the pool of its step; apply the step once complete."""
@@ -98,7 +98,7 @@ def _pool(
     return state, False
 
 
-def _flush(config: RunConfig, state: ControllerState, now: float) -> ControllerState:
+def _flush(config: WeightingConfig, state: ControllerState, now: float) -> ControllerState:
     """Apply the pending step with its pooled means and empty the pool."""
     means = {name: total / weight for name, total, weight in state.pending_sums if weight > 0}
     pooled = ControllerUpdate(global_step=state.pending_step, **means)

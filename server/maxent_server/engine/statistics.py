@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..domain.controller import Baseline, Scaling
+from ..domain.controller import AdvantageBaseline, AdvantageScaling
 from .segments import Segments
 
 ADVANTAGE_STD_EPS = 1e-4
@@ -34,7 +34,7 @@ def group_advantages(
     valid: torch.Tensor | None = None,
     *,
     scale_rewards: bool | str = True,
-    baseline: Baseline | str = Baseline.GROUP_MEAN,
+    baseline: AdvantageBaseline | str = AdvantageBaseline.GROUP_MEAN,
 ) -> torch.Tensor:
     """A_i = (u_i - b_i) / (s + 1e-4), or u_i - b_i with no scaling.
 
@@ -44,7 +44,7 @@ def group_advantages(
     (BATCH). Invalid completions (valid False) get advantage 0 and are left
     out of every mean and std; valid None means all take part.
     """
-    scaling, baseline = Scaling.of(scale_rewards), Baseline(baseline)
+    scaling, baseline = AdvantageScaling.of(scale_rewards), AdvantageBaseline(baseline)
     if valid is None:
         u, counts = utilities, None
         mean = seg.mean(u)
@@ -55,13 +55,13 @@ def group_advantages(
     centred = u - seg.broadcast(mean)
     if valid is not None:
         centred = torch.where(valid, centred, torch.zeros_like(centred))
-    if scaling is Scaling.GROUP:
+    if scaling is AdvantageScaling.GROUP:
         std = _group_std(seg, centred, counts, utilities.dtype)
-    elif scaling is Scaling.BATCH:
+    elif scaling is AdvantageScaling.BATCH:
         std = _batch_std(u if valid is None else u[valid]).expand(seg.num_groups)
-    if baseline is Baseline.LEAVE_ONE_OUT:
+    if baseline is AdvantageBaseline.LEAVE_ONE_OUT:
         centred = centred * seg.broadcast(_leave_one_out_factor(seg, counts, utilities.dtype))
-    if scaling is Scaling.NONE:
+    if scaling is AdvantageScaling.NONE:
         return centred
     return centred.div_(seg.broadcast(std + ADVANTAGE_STD_EPS))
 
@@ -127,7 +127,7 @@ def listwise_q(
 
 
 @dataclass(frozen=True)
-class SeedGrpoSettings:
+class SeedGrpoOptions:
     alpha: float = 0.0417
     normalize_by_max_entropy: bool = True
     length_normalize_logprobs: bool = True
@@ -160,7 +160,7 @@ def seed_advantage_scales(
     answers: list[str | None],
     gen_logp_sum: torch.Tensor,
     token_counts: torch.Tensor | None,
-    settings: SeedGrpoSettings,
+    settings: SeedGrpoOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group semantic entropy H_g and advantage scale 1 / (1 + alpha_eff H_g).
 

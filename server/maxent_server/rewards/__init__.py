@@ -25,7 +25,7 @@ Ray cluster; imported only when chosen).
 from .params import ParamSpec
 from .pool import ItemResult, WorkerPool
 from .registry import PLUGIN_GROUP, RewardRegistry, RewardSpec
-from .runner import Evaluation, ParameterInfo, RewardFunctionInfo, RewardRunner, TermSpec
+from .runner import Evaluation, ParameterInfo, RewardFunction, RewardRunner, RewardTerm
 
 __all__ = [
     "PLUGIN_GROUP",
@@ -33,10 +33,10 @@ __all__ = [
     "ItemResult",
     "ParamSpec",
     "ParameterInfo",
-    "RewardFunctionInfo",
+    "RewardFunction",
     "RewardRegistry",
     "RewardRunner",
     "RewardSpec",
-    "TermSpec",
+    "RewardTerm",
     "WorkerPool",
 ]

@@ -52,7 +52,7 @@ class RewardBackend(Protocol):
 
 
 @dataclass(frozen=True)
-class TermSpec:
+class RewardTerm:
     """One reward term of a request: a function name, its weight and params (as text)."""
 
     name: str
@@ -69,7 +69,7 @@ class ParameterInfo:
 
 
 @dataclass(frozen=True)
-class RewardFunctionInfo:
+class RewardFunction:
     name: str
     description: str
     parameters: list[ParameterInfo]
@@ -143,10 +143,10 @@ class RewardRunner:
 
     # -- description and validation ---------------------------------------------
 
-    def list_functions(self) -> list[RewardFunctionInfo]:
+    def list_functions(self) -> list[RewardFunction]:
         """Every reward function, sorted by name."""
         return [
-            RewardFunctionInfo(
+            RewardFunction(
                 name=spec.name,
                 description=spec.description,
                 parameters=[

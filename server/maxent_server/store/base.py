@@ -12,13 +12,13 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from ..domain import ControllerState, RunConfig
+from ..domain import ControllerState, WeightingConfig
 from .patterns import RunPatterns, prefix_end
 
 # How many applied request ids a backend remembers per run, at least.
 REQUEST_ID_RETENTION = 10_000
 
-ControllerStep = Callable[[RunConfig, ControllerState], ControllerState]
+ControllerStep = Callable[[WeightingConfig, ControllerState], ControllerState]
 
 # Every run id, as a listing pattern.
 ALL_RUNS = RunPatterns(["*"])
@@ -29,7 +29,7 @@ _SCAN_CHUNK_MAX = 16_384
 @dataclass(frozen=True)
 class RunRecord:
     run_id: str
-    config: RunConfig
+    config: WeightingConfig
     state: ControllerState
     create_time: float  # seconds since the epoch
 
@@ -54,7 +54,9 @@ class RunConflict(StoreError):
     """A run with this id exists with another config; the message names the
     fields that differ (stored value, then the one asked for)."""
 
-    def __init__(self, run_id: str, stored: RunConfig | None = None, asked: RunConfig | None = None) -> None:
+    def __init__(
+        self, run_id: str, stored: WeightingConfig | None = None, asked: WeightingConfig | None = None
+    ) -> None:
         message = f"run {run_id!r} already exists with a different config"
         if stored is not None and asked is not None:
             old, new = stored.to_dict(), asked.to_dict()
@@ -83,7 +85,7 @@ class RunStore(abc.ABC):
 
     @abc.abstractmethod
     def create_run(
-        self, run_id: str, config: RunConfig, now: float, initial_state: ControllerState | None = None
+        self, run_id: str, config: WeightingConfig, now: float, initial_state: ControllerState | None = None
     ) -> tuple[RunRecord, bool]:
         """Create a run; return (record, created). Its controller starts from
         `initial_state` when given (an import), else fresh from the config. An

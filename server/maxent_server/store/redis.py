@@ -88,7 +88,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
         "the Redis state store needs the 'redis' package (pip install 'redis>=5')"
     ) from error
 
-from ..domain import ControllerState, RunConfig
+from ..domain import ControllerState, WeightingConfig
 from .base import (
     REQUEST_ID_RETENTION,
     ControllerStep,
@@ -113,7 +113,7 @@ DEFAULT_REQUEST_ID_TTL = 7 * 24 * 3600
 _UNAVAILABLE_REPLIES = ("MISCONF", "MASTERDOWN", "NOREPLICAS", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "LOADING")
 
 
-def _dump(obj: RunConfig | ControllerState) -> str:
+def _dump(obj: WeightingConfig | ControllerState) -> str:
     return json.dumps(obj.to_dict(), sort_keys=True)
 
 
@@ -121,8 +121,8 @@ def _state(text: str) -> ControllerState:
     return ControllerState.from_dict(json.loads(text))
 
 
-def _config(text: str) -> RunConfig:
-    return RunConfig.from_dict(json.loads(text))
+def _config(text: str) -> WeightingConfig:
+    return WeightingConfig.from_dict(json.loads(text))
 
 
 # -- settings ------------------------------------------------------------------
@@ -369,7 +369,7 @@ class _Snapshot:
     """A run as of one write: the stamp that write left, config and state."""
 
     stamp: str
-    config: RunConfig
+    config: WeightingConfig
     state: ControllerState
 
 
@@ -471,7 +471,7 @@ class RedisStore(RunStore):
     # -- RunStore ----------------------------------------------------------------------
 
     def create_run(
-        self, run_id: str, config: RunConfig, now: float, initial_state: ControllerState | None = None
+        self, run_id: str, config: WeightingConfig, now: float, initial_state: ControllerState | None = None
     ) -> tuple[RunRecord, bool]:
         state = initial_state if initial_state is not None else ControllerState.initial(config, now)
         record = RunRecord(run_id, config, state, now)

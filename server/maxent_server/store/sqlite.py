@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from ..domain import ControllerState, RunConfig
+from ..domain import ControllerState, WeightingConfig
 from .base import (
     REQUEST_ID_RETENTION,
     ControllerStep,
@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS state_history (
 _IN_LIST_MAX = 500
 
 
-def _dump(obj: RunConfig | ControllerState) -> str:
+def _dump(obj: WeightingConfig | ControllerState) -> str:
     return json.dumps(obj.to_dict(), sort_keys=True)
 
 
@@ -99,7 +99,7 @@ class SqliteStore(RunStore):
         run_id, config, state, create_time = row
         return RunRecord(
             run_id=run_id,
-            config=RunConfig.from_dict(json.loads(config)),
+            config=WeightingConfig.from_dict(json.loads(config)),
             state=ControllerState.from_dict(json.loads(state)),
             create_time=create_time,
         )
@@ -111,7 +111,7 @@ class SqliteStore(RunStore):
         return self._record(row) if row else None
 
     def create_run(
-        self, run_id: str, config: RunConfig, now: float, initial_state: ControllerState | None = None
+        self, run_id: str, config: WeightingConfig, now: float, initial_state: ControllerState | None = None
     ) -> tuple[RunRecord, bool]:
         with self._lock, self._transaction():
             existing = self._fetch(run_id)
