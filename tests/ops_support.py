@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from maxent_api import SERVICE_NAME
 from prometheus_client.parser import text_string_to_metric_families
 
 from server_process import ServerProcess
@@ -51,7 +52,7 @@ def value(parsed: dict, name: str, default: float | None = 0.0, **labels: str) -
 
 
 def rpc_count(parsed: dict, method: str, code: str = "OK") -> float:
-    return value(parsed, "maxent_rpc_requests_total", service="maxent.v1.MaxEntService", method=method, code=code)
+    return value(parsed, "maxent_rpc_requests_total", service=SERVICE_NAME, method=method, code=code)
 
 
 # -- tokens ----------------------------------------------------------------------------

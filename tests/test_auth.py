@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from maxent_api import SERVICE_NAME
 from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from maxent_server.auth import Authorizer, Principal, Role, TokenFileError, bearer_token, parse_token_file
@@ -144,9 +145,9 @@ def test_missing_or_unknown_token_is_unauthenticated(secured, method, request_me
 
 def test_health_and_reflection_stay_open(secured):
     health = health_pb2_grpc.HealthStub(secured.channel)
-    reply = health.Check(health_pb2.HealthCheckRequest(service="maxent.v1.MaxEntService"), timeout=30)
+    reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    assert "maxent.v1.MaxEntService" in ProtoReflectionDescriptorDatabase(secured.channel).get_services()
+    assert SERVICE_NAME in ProtoReflectionDescriptorDatabase(secured.channel).get_services()
 
 
 def test_roles_and_runs(secured):

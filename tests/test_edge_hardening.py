@@ -15,6 +15,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from maxent_api import method_path
 from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from maxent_server.edge import MAX_GROUPS_PER_REQUEST, Admission
@@ -27,8 +28,8 @@ MIB = 1024 * 1024
 ADMIN = "edge-admin-token-0123456789"
 READER = "edge-reader-token-0123456789"
 CONFIG = pb.WeightingConfig(tau=0.5, beta=0.05, target_entropy=1.0, tau_lr=0.2)
-REWARD_STATS = "/maxent.v1.MaxEntService/ComputeRewardStatistics"
-GET_RUN = "/maxent.v1.MaxEntService/GetRun"
+REWARD_STATS = method_path("ComputeRewardStatistics")
+GET_RUN = method_path("GetRun")
 
 def peak_rss(proc: ServerProcess) -> int:
     """The process's peak resident memory so far (VmHWM), in bytes."""

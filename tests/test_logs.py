@@ -10,6 +10,7 @@ import logging
 import grpc
 import pytest
 
+from maxent_api import SERVICE_NAME
 from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from maxent_server.logs import RPC_LOGGER, JsonFormatter, configure_logging, log_rpc
@@ -85,7 +86,7 @@ def test_json_access_log(tmp_path):
     assert [r["method"] for r in rpc] == ["CreateRun", "ComputeRewardStatistics", "GetRun", "UpdateController"]
     assert len(rpc) == calls
     for r in rpc:
-        assert r["level"] == "INFO" and r["service"] == "maxent.v1.MaxEntService" and r["principal"] == "trainer"
+        assert r["level"] == "INFO" and r["service"] == SERVICE_NAME and r["principal"] == "trainer"
         assert r["duration_seconds"] >= 0 and r["request_bytes"] > 0 and r["peer"].startswith("ipv")
     assert [r["code"] for r in rpc] == ["OK", "OK", "NOT_FOUND", "OK"]
     assert [r["run"] for r in rpc] == ["logs/r1", "logs/r1", "logs/missing", "logs/r1"]

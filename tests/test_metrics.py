@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
+from maxent_api import SERVICE_NAME
 from maxent_api._generated.maxent.v1 import maxent_pb2 as pb
 from maxent_api._generated.maxent.v1 import maxent_pb2_grpc as pb_grpc
 from maxent_server.metrics import Metrics, RunGauges
@@ -82,8 +83,8 @@ def test_render_filters_runs_and_passes_promtool():
     metrics = Metrics(process_metrics=False)
     for run in ("team-a/1", "team-b/1"):
         metrics.runs.update(run, {"tau": 0.5, "beta": 0.1, "version": 2, "weight_entropy": 1.1})
-    metrics.call_started("maxent.v1.MaxEntService", "GetRun")
-    metrics.call_finished("maxent.v1.MaxEntService", "GetRun", "NOT_FOUND", 0.004, 10, 0)
+    metrics.call_started(SERVICE_NAME, "GetRun")
+    metrics.call_finished(SERVICE_NAME, "GetRun", "NOT_FOUND", 0.004, 10, 0)
     body, content_type = metrics.render()
     text = body.decode()
     assert content_type.startswith("text/plain; version=0.0.4")
@@ -187,7 +188,7 @@ def test_values_move_while_calls_run(live):
     counts = [rpc_count(s, "UpdateController") for s in scrapes + [after]]
     assert counts == sorted(counts) and counts[-1] > counts[0]  # moved while the calls ran
     assert value(after, "maxent_controller_updates_total") - value(before, "maxent_controller_updates_total") == updates
-    duration = dict(name="maxent_rpc_duration_seconds_count", service="maxent.v1.MaxEntService",
+    duration = dict(name="maxent_rpc_duration_seconds_count", service=SERVICE_NAME,
                     method="UpdateController", code="OK")
     assert value(after, **duration) - value(before, **duration) == updates
     completions = value(after, "maxent_request_completions_sum", method="ComputeWeightStats") - value(
@@ -202,7 +203,7 @@ def test_values_move_while_calls_run(live):
     assert value(after, "maxent_run_weight_entropy_ema_nats", run=run) == pytest.approx(state.entropy_ema)
     assert value(after, "maxent_run_target_entropy_nats", run=run) == pytest.approx(1.0)
     assert value(after, "maxent_run_reward_std", run=run, default=None) is not None
-    assert value(after, "maxent_rpc_in_flight_requests", service="maxent.v1.MaxEntService",
+    assert value(after, "maxent_rpc_in_flight_requests", service=SERVICE_NAME,
                  method="UpdateController") == 0
 
 
@@ -277,7 +278,7 @@ def test_reward_metrics_and_in_flight(live):
     thread.start()
     in_flight = []
     while thread.is_alive():  # the sleepy completions hold the call for the 2 s time limit
-        in_flight.append(value(_scrape(live), "maxent_rpc_in_flight_requests", service="maxent.v1.MaxEntService",
+        in_flight.append(value(_scrape(live), "maxent_rpc_in_flight_requests", service=SERVICE_NAME,
                                method="ComputeRewardStatistics"))
         time.sleep(0.05)
     thread.join()
@@ -294,7 +295,7 @@ def test_reward_metrics_and_in_flight(live):
     assert delta("maxent_reward_failures_total", "format") == 0
     assert delta("maxent_reward_evaluation_duration_seconds_count", "sleepy") == 1
     assert delta("maxent_reward_evaluation_duration_seconds_sum", "sleepy") >= 1.0
-    assert value(after, "maxent_rpc_in_flight_requests", service="maxent.v1.MaxEntService",
+    assert value(after, "maxent_rpc_in_flight_requests", service=SERVICE_NAME,
                  method="ComputeRewardStatistics") == 0
 
 

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 import reference as ref
+from maxent_api import SERVICE_NAME
 from maxent_client import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -34,11 +35,11 @@ def _batch(rng: np.random.Generator, groups: int = 6, k: int = 5):
 def test_health_and_reflection(server):
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "maxent.v1.MaxEntService"):
+        for service in ("", SERVICE_NAME):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
-        assert "maxent.v1.MaxEntService" in services
+        assert SERVICE_NAME in services
         assert "grpc.health.v1.Health" in services
 
 

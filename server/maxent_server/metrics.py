@@ -44,6 +44,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from maxent_api import METHODS
 from maxent_api import SERVICE_NAME as MAXENT_SERVICE
 from maxent_api.wire import array
 
@@ -52,18 +53,6 @@ from .auth import bearer_token
 
 log = logging.getLogger("maxent_server.metrics")
 
-MAXENT_METHODS = (
-    "CreateRun",
-    "GetRun",
-    "ListRuns",
-    "DeleteRun",
-    "ComputeRewardStatistics",
-    "ComputeWeightStats",
-    "ComputeStepStatistics",
-    "UpdateController",
-    "ListRewardFunctions",
-    "WatchRun",
-)
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 REWARD_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 COMPLETION_BUCKETS = tuple(float(4**k) for k in range(11))  # 1 .. 1 048 576
@@ -270,7 +259,7 @@ class Metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
-        for method in MAXENT_METHODS:
+        for method in METHODS:
             self.requests.labels(MAXENT_SERVICE, method, "OK")
             self.in_flight.labels(MAXENT_SERVICE, method)
 
