@@ -18,7 +18,7 @@ bash scripts/setup.sh --test
 .venv/bin/python scripts/gen_proto.py --check
 (cd proto && ../.venv/bin/buf lint)
 echo "buf lint: clean"
-.venv/bin/python -m mypy api/maxent_api client/maxent_client
+.venv/bin/python -m mypy api/maxent_api client/maxent_client server/maxent_server
 .venv/bin/hadolint Dockerfile && echo "hadolint: clean"
 promtool check config deploy/prometheus/prometheus.yml
 promtool check rules deploy/prometheus/rules.yml

@@ -125,7 +125,7 @@ class MaxEntServer:
         self.metrics_token_required = authenticated and not s.metrics_without_token
         self._refuse_plaintext_tokens(host, metrics_host if s.metrics_port and self.metrics_token_required else None)
         self.metrics: Metrics | None = None
-        self.metrics_server: MetricsServer | None = None
+        self.metrics_server = None
         if s.metrics_port:
             self.metrics = Metrics(s.metrics_max_runs)
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 from maxent_api import pb
@@ -145,8 +147,10 @@ def state_to_proto(run_id: str, state: ControllerState) -> pb.ControllerState:
     return msg
 
 
-_OPTIONAL_STATE = ("entropy_ema", "active_target_entropy", "last_weight_entropy", "last_measured_kl",
-                   "last_max_weight_entropy")
+_OptionalStateField = Literal[
+    "entropy_ema", "active_target_entropy", "last_weight_entropy", "last_measured_kl", "last_max_weight_entropy"
+]
+_OPTIONAL_STATE: tuple[_OptionalStateField, ...] = get_args(_OptionalStateField)
 
 
 def state_from_proto(msg: pb.ControllerState, now: float) -> ControllerState:

@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar, get_args
 
 import grpc
 import numpy as np
@@ -50,6 +50,9 @@ from .engine.pooling import ReportResult
 from .errors import RewardFailures, translate_errors, translate_stream_errors
 from .store import RunNotFound, RunPatterns, RunRecord, RunStore, StoreUnavailable
 
+if TYPE_CHECKING:
+    from .rewards import RewardTerm
+
 T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 100
 # Batches up to this many completions are computed on the event loop itself
@@ -63,6 +66,9 @@ INLINE_MAX_COMPLETIONS = 32_768
 WATCH_POLL_SECONDS = 0.02
 WATCH_POLL_SECONDS_REMOTE = 0.04
 WATCH_BATCH = 256
+# The optional config fields that set an absolute target entropy.
+_AbsoluteTarget = Literal["target_entropy", "target_entropy_start", "target_entropy_final"]
+_ABSOLUTE_TARGETS: tuple[_AbsoluteTarget, ...] = get_args(_AbsoluteTarget)
 
 
 class EncodedResponse:
@@ -569,7 +575,7 @@ def _check_config(v: Violations, config: pb.WeightingConfig) -> None:
         v.within(prefix + name, getattr(config, name), 0.0, CONFIG_LIMIT)
     for name in ("tau_max", "kl_target", "kl_step_size", "meta_beta_grad_clip"):
         v.within(prefix + name, getattr(config, name), -CONFIG_LIMIT, CONFIG_LIMIT)
-    for name in ("target_entropy", "target_entropy_start", "target_entropy_final"):
+    for name in _ABSOLUTE_TARGETS:
         if config.HasField(name):
             v.within(prefix + name, getattr(config, name), -CONFIG_LIMIT, CONFIG_LIMIT)
     if config.HasField("target_entropy_start") != config.HasField("target_entropy_final"):
@@ -598,7 +604,7 @@ def _check_config(v: Violations, config: pb.WeightingConfig) -> None:
         ratio = config.target_entropy_ratio
         if v.finite(prefix + "target_entropy_ratio", ratio) and not 0.0 < ratio <= 1.0:
             v.add(prefix + "target_entropy_ratio", f"must be in (0, 1], got {ratio!r}")
-        absolute = [n for n in ("target_entropy", "target_entropy_start", "target_entropy_final") if config.HasField(n)]
+        absolute = [n for n in _ABSOLUTE_TARGETS if config.HasField(n)]
         if absolute:
             v.add(prefix + "target_entropy_ratio", f"is exclusive with {', '.join(absolute)}; set one kind of target")
 
@@ -625,7 +631,10 @@ def _check_initial_state(v: Violations, state: pb.ControllerState, config: pb.We
             v.add(prefix + "tau", "must be > 0 with the tau denominator (WEIGHT_DENOMINATOR_TAU divides by tau)")
 
 
-def _check_group_arrays(v: Violations, request, name: str, kind: Callable, n: int, *, required: bool, finite=False, non_negative=False):
+def _check_group_arrays(
+    v: Violations, request, name: str, kind: Callable[..., np.ndarray], n: int, *, required: bool, finite=False,
+    non_negative=False,
+) -> np.ndarray | None:
     field = getattr(request, name)
     if not v.length(name, field, n, optional=not required):
         return None
@@ -639,6 +648,14 @@ def _check_group_arrays(v: Violations, request, name: str, kind: Callable, n: in
 
 class _RewardInputs:
     """Validated, converted arrays and options of a ComputeRewardStatistics call."""
+
+    group_sizes: np.ndarray
+    terms: list[RewardTerm]
+    utilities: np.ndarray | None  # None where reward terms give the utilities
+    token_counts: np.ndarray | None
+    truncated: np.ndarray | None
+    gen_logp_sum: np.ndarray | None
+    options: RewardOptions
 
     @classmethod
     def parse(cls, request, config: WeightingConfig, rewards, violations: Violations | None = None) -> "_RewardInputs":
@@ -693,7 +710,7 @@ class _RewardInputs:
         )
 
 
-def _terms(request) -> list:
+def _terms(request) -> list[RewardTerm]:
     if not len(request.rewards):
         return []
     from .rewards import RewardTerm
@@ -805,7 +822,9 @@ def _check_q_sums(v: Violations, q: np.ndarray | None, sizes: np.ndarray) -> Non
                           f"excluded ({bad.size} group(s) off)")
 
 
-def _parse_reference(v: Violations, request, options: WeightOptions, n: int):
+def _parse_reference(
+    v: Violations, request, options: WeightOptions, n: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Reference log-prob sums and token counts for MaxEnt weights (None
     where not needed), checked against the run's tau and beta."""
     if options.train_grpo_objective:

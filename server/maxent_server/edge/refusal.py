@@ -3,6 +3,8 @@ gets, turned into a rich google.rpc.Status when the call is aborted."""
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -24,15 +26,17 @@ class Refusal(Exception):
     def invalid(cls, field: str, description: str) -> Refusal:
         return cls(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}", [(field, description)])
 
-    async def abort(self, context: grpc.aio.ServicerContext) -> None:
+    async def abort(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        """End the call with this status (grpc's abort raises, always)."""
         if not self.field_violations:
             await context.abort(self.code, self.message)
-            return
-        request = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in self.field_violations
-        ])
-        packed = any_pb2.Any()
-        packed.Pack(request)
-        status = rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message,
-                                                        details=[packed]))
-        await context.abort(status.code, status.details, status.trailing_metadata)
+        else:
+            request = error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in self.field_violations
+            ])
+            packed = any_pb2.Any()
+            packed.Pack(request)
+            status = rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message,
+                                                            details=[packed]))
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        raise AssertionError("grpc.aio.ServicerContext.abort returned")  # grpc has no stubs to say NoReturn

@@ -180,6 +180,7 @@ class Engine:
         """`arrays`: t's tensors already on the host, in field order (else copied here)."""
         u, advantages, q, entropies, scales, flat = arrays or self._host(
             t.utilities, t.advantages, t.q, t.entropies, t.scales, t.zero_variance)
+        assert u is not None and advantages is not None and q is not None  # copies of tensors, never None
         return RewardStatistics(
             total_utils=u,
             advantages=advantages,
@@ -267,8 +268,10 @@ class Engine:
         return w, summary, scope_summary(seg, summary.group_entropies, q)
 
     @staticmethod
-    def _weight_result(summary, scope: ScopeSummary, weights: np.ndarray, group_entropies: np.ndarray,
-                       advantage_entropy: np.ndarray) -> WeightStats:
+    def _weight_result(summary, scope: ScopeSummary, weights: np.ndarray | None, group_entropies: np.ndarray | None,
+                       advantage_entropy: np.ndarray | None) -> WeightStats:
+        """The arguments are host copies of tensors, so never None."""
+        assert weights is not None and group_entropies is not None and advantage_entropy is not None
         return WeightStats(
             weights=weights,
             group_entropies=group_entropies,

@@ -87,7 +87,7 @@ def as_boxed(text: str) -> str:
 
 
 def math_parse(text: str) -> list[Any]:
-    return parse(as_boxed(text), parsing_timeout=None)  # type: ignore[arg-type]
+    return parse(as_boxed(text), parsing_timeout=None)
 
 
 def math_verify_pair(gold_parsed: list[Any], answer_parsed: list[Any], float_rounding: int) -> bool:

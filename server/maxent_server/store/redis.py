@@ -76,7 +76,7 @@ import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, cast
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 try:
@@ -492,8 +492,10 @@ class RedisStore(RunStore):
 
     def get_run(self, run_id: str) -> RunRecord:
         with self._reachable("get run"):
-            config, state, create_time = self._redis.hmget(self._keys(run_id)[0], "config", "state", "create_time")
-        if config is None:
+            fields = self._redis.hmget(self._keys(run_id)[0], "config", "state", "create_time")
+        # Text, as the client decodes replies (redis-py's types say bytes | str); None where missing.
+        config, state, create_time = cast("list[str | None]", fields)
+        if config is None or state is None or create_time is None:
             raise RunNotFound(run_id)
         return self._record(run_id, config, state, create_time)
 
@@ -506,7 +508,7 @@ class RedisStore(RunStore):
             start = "[" + low if low else "-"
         stop = "+" if high is None else "(" + high
         with self._reachable("list runs"):
-            ids = self._redis.zrangebylex(self._runs_key, start, stop, start=0, num=limit)
+            ids = cast("list[str]", self._redis.zrangebylex(self._runs_key, start, stop, start=0, num=limit))  # decoded
         resume = ids[-1] if len(ids) == limit else None
         return (ids if patterns.prefixes_decide else [i for i in ids if patterns.matches(i)]), resume
 
@@ -660,7 +662,7 @@ class RedisStore(RunStore):
         moved = skipped = 0
         while True:
             with self._reachable("migrate"):
-                ids = self._redis.zrange(old_index, 0, batch - 1)
+                ids = cast("list[str]", self._redis.zrange(old_index, 0, batch - 1))  # decoded replies
             if not ids:
                 return moved, skipped
             for run_id in ids:
