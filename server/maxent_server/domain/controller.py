@@ -291,4 +291,13 @@ def apply_update(
     )
 
 
-__all__ = ["ControllerState", "ControllerUpdate", "WeightDenominator", "WeightingConfig", "apply_update"]
+__all__ = [
+    "AdvantageBaseline",
+    "AdvantageScaling",
+    "ControllerState",
+    "ControllerUpdate",
+    "EntropyScope",
+    "WeightDenominator",
+    "WeightingConfig",
+    "apply_update",
+]

@@ -25,15 +25,15 @@ Ray cluster; imported only when chosen).
 from .params import ParamSpec
 from .pool import ItemResult, WorkerPool
 from .registry import PLUGIN_GROUP, RewardRegistry, RewardSpec
-from .runner import Evaluation, ParameterInfo, RewardFunction, RewardRunner, RewardTerm
+from .runner import Evaluation, RewardFunction, RewardParameter, RewardRunner, RewardTerm
 
 __all__ = [
     "PLUGIN_GROUP",
     "Evaluation",
     "ItemResult",
     "ParamSpec",
-    "ParameterInfo",
     "RewardFunction",
+    "RewardParameter",
     "RewardRegistry",
     "RewardRunner",
     "RewardSpec",

@@ -61,7 +61,7 @@ class RewardTerm:
 
 
 @dataclass(frozen=True)
-class ParameterInfo:
+class RewardParameter:
     name: str
     description: str
     default_value: str  # "" when required or when there is no static default
@@ -72,7 +72,7 @@ class ParameterInfo:
 class RewardFunction:
     name: str
     description: str
-    parameters: list[ParameterInfo]
+    parameters: list[RewardParameter]
     source: str  # "builtin" or the plugin's distribution name
 
 
@@ -150,7 +150,7 @@ class RewardRunner:
                 name=spec.name,
                 description=spec.description,
                 parameters=[
-                    ParameterInfo(p.name, p.description, p.default if p.default is not None else "", p.required)
+                    RewardParameter(p.name, p.description, p.default if p.default is not None else "", p.required)
                     for p in spec.parameters
                 ],
                 source=spec.source,
