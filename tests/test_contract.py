@@ -8,6 +8,7 @@ from pathlib import Path
 
 from maxent_api import METHODS, SERVICE_NAME
 from maxent_server.auth import METHOD_ROLES
+from maxent_server.edge.admission import BATCH_METHODS
 from maxent_server.metrics import Metrics
 from ops_support import samples
 
@@ -17,6 +18,10 @@ SCANNED = ("server", "client", "tests", "bench", "examples", "scripts")
 
 def test_every_method_of_the_descriptor_has_a_role():
     assert set(METHOD_ROLES) == set(METHODS)
+
+
+def test_the_batch_methods_are_methods_of_the_descriptor():
+    assert BATCH_METHODS <= set(METHODS)
 
 
 def test_every_method_of_the_descriptor_has_request_and_in_flight_series():
