@@ -22,6 +22,9 @@ echo "buf lint: clean"
 .venv/bin/hadolint Dockerfile && echo "hadolint: clean"
 promtool check config deploy/prometheus/prometheus.yml
 promtool check rules deploy/prometheus/rules.yml
+# The engine bench on the CPU at a small size: it fails if any device's
+# numbers differ from the CPU's by more than 1e-12 (on a GPU host: --device cuda).
+.venv/bin/python bench/bench_engine.py --device auto --sizes 4096 --repeats 3
 if command -v node >/dev/null 2>&1; then
     (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
 fi

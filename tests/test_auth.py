@@ -241,9 +241,12 @@ def test_metrics_behind_tokens(secured):
     runs = {dict(labels).get("run") for (name, labels) in samples(body) if name == "maxent_run_tau"}
     assert "team-a/metrics" in runs and "team-b/metrics" not in runs
     assert "maxent_rpc_requests_total" in body
+    # How many runs the server holds is not a restricted token's business.
+    assert "maxent_metrics_runs" not in body
     status, body = scrape(secured.metrics_url, token=ADMIN)
     runs = {dict(labels).get("run") for (name, labels) in samples(body) if name == "maxent_run_tau"}
     assert {"team-a/metrics", "team-b/metrics"} <= runs
+    assert "maxent_metrics_runs " in body
     for run in ("team-a/metrics", "team-b/metrics"):
         stub.DeleteRun(pb.DeleteRunRequest(run_id=run), timeout=60, metadata=metadata(ADMIN))
 

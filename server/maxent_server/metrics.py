@@ -347,8 +347,14 @@ class Metrics:
         return encoder(source), content_type
 
 
+# Counts over every run: they would tell a restricted token how many runs
+# (of other teams) the server holds.
+_ALL_RUN_COUNTS = frozenset({"maxent_metrics_runs", "maxent_metrics_runs_evicted"})
+
+
 class _RunFilteredView:
-    """A registry view without the samples of runs a token may not see."""
+    """A registry view without the samples of runs a token may not see, nor
+    the server-wide run counts."""
 
     def __init__(self, registry: CollectorRegistry, allow: Callable[[str], bool]) -> None:
         self.registry = registry
@@ -356,6 +362,8 @@ class _RunFilteredView:
 
     def collect(self) -> Iterable[Metric]:
         for metric in self.registry.collect():
+            if metric.name in _ALL_RUN_COUNTS:
+                continue
             if not any("run" in s.labels for s in metric.samples):
                 yield metric
                 continue
