@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from maxent_client import FailurePolicy, InvalidArgumentError, MaxEntClient, RewardTerm
+from maxent_client import RewardFailurePolicy, InvalidArgumentError, MaxEntClient, RewardTerm
 from maxent_server.rewards import code, sandbox
 from maxent_server.rewards.sandbox import Limits, run_python
 from server_process import ServerProcess, free_port
@@ -380,7 +380,7 @@ def test_server_scores_real_programs_and_survives_attacks(code_server, code_clie
 
 def test_zero_policy_still_says_which_completions_failed(code_client):
     stats = code_client.compute_reward_statistics(
-        completions=[[ADD_PROGRAM, HANG]], answers=[ADD_TESTS], on_failure=FailurePolicy.ZERO,
+        completions=[[ADD_PROGRAM, HANG]], answers=[ADD_TESTS], on_failure=RewardFailurePolicy.ZERO,
         rewards=[RewardTerm("code_unit_tests", 1.0, {"timeout_seconds": "0.5"})])
     np.testing.assert_array_equal(stats.failed, [False, True])
     np.testing.assert_allclose(stats.total_utils, [1.0, 0.0])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from maxent_client import FailurePolicy, MaxEntClient, MaxEntError, RewardTerm
+from maxent_client import RewardFailurePolicy, MaxEntClient, MaxEntError, RewardTerm
 from maxent_server.rewards._worker import ITEM_PLUGIN
 from maxent_server.rewards.pool import Cancelled, WorkerPool
 from server_process import ServerProcess
@@ -89,7 +89,7 @@ def reward_call(server: ServerProcess, name: str, completions: list[str], outcom
             with MaxEntClient(server.target, timeout=300) as client:
                 outcome["stats"] = client.compute_reward_statistics(
                     completions=[completions], answers=[""], rewards=[RewardTerm(name, 1.0)],
-                    on_failure=FailurePolicy.ZERO,
+                    on_failure=RewardFailurePolicy.ZERO,
                 )
         except MaxEntError as error:
             outcome["error"] = error

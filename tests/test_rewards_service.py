@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from maxent_client import FailurePolicy, InvalidArgumentError, RewardFailedError, RewardTerm
+from maxent_client import RewardFailurePolicy, InvalidArgumentError, RewardFailedError, RewardTerm
 
 COMPLETIONS = [
     "<think>half</think><answer>\\boxed{\\frac12}</answer>",
@@ -75,7 +75,7 @@ def test_exclude_policy_leaves_failed_completions_out(client):
 
 
 def test_zero_policy_counts_failures_as_zero_and_says_so(client):
-    stats = client.compute_reward_statistics(**_batch_with_failures(), on_failure=FailurePolicy.ZERO)
+    stats = client.compute_reward_statistics(**_batch_with_failures(), on_failure=RewardFailurePolicy.ZERO)
     assert stats.failed[1] and stats.total_utils[1] == 0.0
     want = ref.reward_statistics([4, 2], list(stats.total_utils))
     np.testing.assert_allclose(stats.q_values, want.q_values, atol=1e-12)
@@ -83,7 +83,7 @@ def test_zero_policy_counts_failures_as_zero_and_says_so(client):
 
 def test_error_policy_fails_the_call(client):
     with pytest.raises(RewardFailedError) as info:
-        client.compute_reward_statistics(**_batch_with_failures(), on_failure=FailurePolicy.ERROR)
+        client.compute_reward_statistics(**_batch_with_failures(), on_failure=RewardFailurePolicy.ERROR)
     assert "2 reward evaluations failed" in str(info.value)
 
 
