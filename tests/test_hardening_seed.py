@@ -104,3 +104,18 @@ def test_overlong_completion_is_refused_with_seed_grpo(stub):
     # At the limit it is read.
     request.completions[1] = "x" * MAX_ANSWER_TEXT_CHARS
     assert len(stub.ComputeRewardStatistics(request, timeout=30).seed_semantic_entropies) == 1
+
+
+def test_seed_answers_of_long_texts_come_from_the_reward_workers():
+    """SEED-GRPO's answer extraction of degenerate texts runs in the worker
+    processes (out of the server's interpreter) and agrees with the plain
+    extraction, short texts included."""
+    from maxent_server.rewards import RewardRunner
+
+    texts = [*SHAPES.values(), "\\boxed{12}", "<answer> 5 </answer>", "no answer at all", UNCLOSED + "\\boxed{9}"]
+    with RewardRunner(workers=1, timeout_seconds=10.0) as runner:
+        before = runner.stats()
+        got = runner.final_answers(texts)
+        after = runner.stats()
+    assert got == [final_answer(text) for text in texts]
+    assert sum(after.values()) > sum(before.values()), "no work reached the workers"

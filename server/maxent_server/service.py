@@ -228,10 +228,11 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         return await self._schedule(request, self._step_statistics, needs_run=True)
 
     async def _schedule(self, request, compute: Callable[..., T], *, needs_run: bool) -> T:
-        """Run a batch computation where it belongs: reward evaluation on the
-        reward pool (cancelled with its RPC), small batches that need no
-        network on the event loop, the rest on the compute pool."""
-        if len(request.rewards):
+        """Run a batch computation where it belongs: reward evaluation and
+        SEED-GRPO answer extraction on the reward pool (cancelled with its
+        RPC), small batches that need no network on the event loop, the rest
+        on the compute pool."""
+        if len(request.rewards) or request.seed_grpo.enabled:
             cancelled = threading.Event()
             try:
                 return await self._run(self._reward_pool, compute, request, cancelled)
@@ -250,7 +251,7 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         inputs = _RewardInputs.parse(request, config, self.rewards)
         utilities, valid, failed, per_reward = self._utilities(request, inputs, cancelled)
         stats = self.engine.reward_statistics(inputs.group_sizes, utilities, inputs.options, valid=valid,
-                                              **inputs.engine_kwargs(request))
+                                              **inputs.engine_kwargs(self._final_answers(request, cancelled)))
         arrays = _reward_arrays(stats, failed)
         _check_result("reward statistic", _reward_input_names(request), reward_mean=stats.reward_mean,
                       reward_std=stats.reward_std, **arrays)
@@ -273,7 +274,7 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
         utilities, valid, failed, per_reward = self._utilities(request, inputs, cancelled)
         stats, weights = self.engine.step_statistics(
             inputs.group_sizes, utilities, inputs.options, *reference, options, valid=valid,
-            **inputs.engine_kwargs(request),
+            **inputs.engine_kwargs(self._final_answers(request, cancelled)),
         )
         arrays = {**_reward_arrays(stats, failed), **_weight_arrays(weights)}
         scalars = _weight_scalars(weights, record)
@@ -288,6 +289,16 @@ class MaxEntServicer(pb_grpc.MaxEntServiceServicer):
             per_reward=per_reward, reward_mean=stats.reward_mean, reward_std=stats.reward_std, **scalars,
         )
         return EncodedResponse(response, **arrays)
+
+    def _final_answers(self, request, cancelled: threading.Event | None) -> list[str | None] | None:
+        """SEED-GRPO's final answer per completion (None: not enabled). Long
+        texts are read by the reward workers, out of this process's GIL, so
+        degenerate completions cannot slow the other calls."""
+        if not request.seed_grpo.enabled:
+            return None
+        if self.rewards is None:
+            return [final_answer(c) for c in request.completions]
+        return self.rewards.final_answers(list(request.completions), cancelled)
 
     def _utilities(self, request, inputs: "_RewardInputs", cancelled: threading.Event | None):
         """Utilities (given, or evaluated from reward terms), the mask of
@@ -700,13 +711,14 @@ class _RewardInputs:
             v.raise_if_any()
         return self
 
-    def engine_kwargs(self, request) -> dict[str, Any]:
-        """The per-completion side inputs of Engine.reward_statistics."""
+    def engine_kwargs(self, answers: list[str | None] | None) -> dict[str, Any]:
+        """The per-completion side inputs of Engine.reward_statistics;
+        `answers`: SEED-GRPO's final answers (None when it is off)."""
         return dict(
             token_counts=self.token_counts,
             truncated=self.truncated,
             gen_logp_sum=self.gen_logp_sum,
-            answers=[final_answer(c) for c in request.completions] if self.options.seed_grpo else None,
+            answers=answers if self.options.seed_grpo else None,
         )
 
 

@@ -67,6 +67,11 @@ PR_SET_PDEATHSIG = 1
 WATCHDOG_INTERVAL_S = 1.0
 #: Exit status of a worker that ended because the server went away.
 ORPHAN_EXIT_CODE = 70
+#: Scheduling niceness added to each worker: reward batches are throughput
+#: work, and the server's own threads (the event loop, the store) answer
+#: latency-bound calls such as UpdateController; on a busy host the kernel
+#: serves those first.
+WORKER_NICENESS = 10
 
 
 class ItemTimeout(BaseException):
@@ -316,9 +321,17 @@ def die_with_server() -> None:
                      daemon=True).start()
 
 
+def _lower_priority() -> None:
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:  # not permitted here: run at the server's priority
+        pass
+
+
 def worker_main(conn: Any, limit: float, plugins: Sequence[tuple[str, str]]) -> None:
     """Entry point of a worker process."""
     die_with_server()
+    _lower_priority()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     signal.signal(signal.SIGALRM, _on_alarm)
     quiet_math_verify()

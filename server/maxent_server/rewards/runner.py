@@ -318,6 +318,14 @@ class RewardRunner:
                 failures.add(r, i, resolved[r][0].name, result.status, result.message)
         return Evaluation(values, failed, timed_out, failures.summary())
 
+    def final_answers(self, completions: Sequence[str], cancelled: threading.Event | None = None) -> list[str | None]:
+        """The final answer of each completion (None: it has none), as
+        SEED-GRPO clusters them. Texts whose extraction could be long go to
+        the workers under the per-item time limit; one that fails there counts
+        as having no answer. Setting ``cancelled`` stops queued work
+        (pool.Cancelled)."""
+        return [r.value[1] if r.status == "ok" else None for r in self._features(completions, cancelled)]
+
     def _features(self, completions: Sequence[str], cancelled: threading.Event | None) -> list[ItemResult]:
         """(last boxed payload, final answer) per completion, or why it is unknown."""
         by_text: dict[str, list[int]] = {}
