@@ -131,6 +131,12 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             self.admission.leave()
             call.holds_slot = False
 
+    # Each behaviour below ends its call with the same except clauses, written
+    # out rather than shared through a context manager: a generator-based one
+    # keeps a refused call's exception (and the request body its frames hold)
+    # in a reference cycle until the garbage collector runs, which showed as
+    # higher tail latency under floods of refused 2 MB requests.
+
     def _maxent_unary(self, handler, method: str):
         inner = handler.unary_unary
         serialize = handler.response_serializer
