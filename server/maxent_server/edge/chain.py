@@ -23,8 +23,6 @@ log line; health Watch and reflection pass through untouched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import grpc
 from maxent_api import SERVICE_NAME as MAXENT_SERVICE
@@ -100,29 +98,6 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             authorize(call.principal, call.method, call.request)
         check_group_count(call.request)
 
-    @contextlib.asynccontextmanager
-    async def _outcome(self, call: Call, context) -> AsyncIterator[None]:
-        """How a call ends, the same for every kind: a refusal aborts it with
-        its code; a cancelled call or closed stream is recorded as
-        interrupted without touching the context again (grpc can crash on
-        it); any other error as failed; then whatever it holds is released
-        and it is counted and logged once."""
-        try:
-            yield
-        except Refusal as refusal:
-            call.code = refusal.code
-            # Its traceback holds the frames that read the body.
-            await refusal.with_traceback(None).abort(context)
-        except (asyncio.CancelledError, GeneratorExit):
-            call.interrupted()
-            raise
-        except BaseException:
-            call.failed(context)
-            raise
-        finally:
-            self._release(call)
-            self._finish(call)
-
     def _release(self, call: Call) -> None:
         if call.reserved:
             self.admission.release(call.reserved)
@@ -144,7 +119,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(request_iterator, context: grpc.aio.ServicerContext) -> bytes:
             call = Call(MAXENT_SERVICE, method, context)
             call_started(self.metrics, call)
-            async with self._outcome(call, context):
+            try:
                 await self._admit(call, context, handler)
                 # The servicer filters ListRuns by it; the value lives in this call's task only.
                 CURRENT_PRINCIPAL.set(call.principal)
@@ -153,7 +128,19 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 call.response_bytes = len(out)
                 call_answered(self.metrics, call, response)
                 return out
-            raise AssertionError("unreachable: a refused call was aborted")
+            except Refusal as refusal:
+                call.code = refusal.code
+                # Its traceback holds the frames that read the body.
+                await refusal.with_traceback(None).abort(context)
+            except asyncio.CancelledError:
+                call.interrupted()
+                raise
+            except BaseException:
+                call.failed(context)
+                raise
+            finally:
+                self._release(call)
+                self._finish(call)
 
         return behavior
 
@@ -167,7 +154,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(request_iterator, context: grpc.aio.ServicerContext):
             call = Call(MAXENT_SERVICE, method, context)
             call_started(self.metrics, call)
-            async with self._outcome(call, context):
+            try:
                 try:
                     await self._admit(call, context, handler)
                 finally:
@@ -176,6 +163,21 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     out = encode_response(serialize, response, self.max_message_bytes)
                     call.response_bytes += len(out)
                     yield out
+            except Refusal as refusal:
+                call.code = refusal.code
+                # Its traceback holds the frames that read the body.
+                await refusal.with_traceback(None).abort(context)
+            except (asyncio.CancelledError, GeneratorExit):
+                # The stream may be closed after its call is gone: the
+                # context must not be touched here (grpc can crash on it).
+                call.interrupted()
+                raise
+            except BaseException:
+                call.failed(context)
+                raise
+            finally:
+                self._release(call)
+                self._finish(call)
 
         return behavior
 
@@ -190,11 +192,22 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             call = Call(service, method, context)
             call.request_bytes = len(raw)
             call_started(self.metrics, call)
-            async with self._outcome(call, context):
+            try:
                 call.request = decode_request(deserialize, raw, method)
                 out = encode_response(serialize, await inner(call.request, context), self.max_message_bytes)
                 call.response_bytes = len(out)
                 return out
-            raise AssertionError("unreachable: a refused call was aborted")
+            except Refusal as refusal:
+                call.code = refusal.code
+                # Its traceback holds the frames that read the body.
+                await refusal.with_traceback(None).abort(context)
+            except asyncio.CancelledError:
+                call.interrupted()
+                raise
+            except BaseException:
+                call.failed(context)
+                raise
+            finally:
+                self._finish(call)
 
         return behavior
