@@ -152,8 +152,23 @@ def main() -> int:
                               ("Reward functions: math_accuracy, 4096 completions", "bench_rewards.py"),
                               ("Controller: UpdateController, 32 clients, one run", "bench_controller.py")):
             lines += [f"## {title}", "", f"`python bench/{script}`", "", "```", run_script(script), "```", ""]
+    lines += _kept_sections(out / "report.md", {line[3:] for line in lines if line.startswith("## ")})
     (out / "report.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def _kept_sections(path: Path, written: set[str]) -> list[str]:
+    """The sections of an earlier report that this script does not write
+    (other benches' figures, added by hand with their commands), kept as they
+    were, after the ones it writes."""
+    if not path.exists():
+        return []
+    kept: list[str] = []
+    for section in path.read_text().split("\n## ")[1:]:
+        title = section.splitlines()[0]
+        if title not in written and not title.startswith("Soak ("):
+            kept += [f"## {section.rstrip()}", ""]
+    return kept
     return 0
 
 
