@@ -70,7 +70,8 @@ def backend(ray_cluster):
 
     from maxent_server.rewards.ray_backend import RayBackend
 
-    yield RayBackend(ray_cluster.address, 2.0, [("sleepy", "maxent_test_plugin:sleepy")])
+    yield RayBackend(ray_cluster.address, 2.0, [("sleepy", "maxent_test_plugin:sleepy"),
+                                                         ("crashy", "maxent_test_plugin:crashy")])
     ray.shutdown()
 
 
@@ -194,6 +195,17 @@ def test_cancel_kills_the_running_tasks(backend, ray_cluster):
         assert time.monotonic() < deadline, "a cancelled call's task is still running"
         time.sleep(0.1)
     assert backend.stats()["queued_items"] == 0
+
+
+def test_a_dead_worker_convicts_only_the_item_it_died_on(backend):
+    """Results stream back after they are yielded, so the one just before a
+    crash can die with the worker; it must not be marked as the crash."""
+    from maxent_server.rewards._worker import ITEM_PLUGIN
+
+    texts = ["CRASH" if k % 6 == 5 else f"ok {k}" for k in range(24)]
+    results = backend.run([(ITEM_PLUGIN, "crashy", text, "", ()) for text in texts])
+    assert [r.status for r in results] == ["crash" if "CRASH" in t else "ok" for t in texts]
+    assert [r.value for r in results if r.status == "ok"] == [float(len(t)) for t in texts if "CRASH" not in t]
 
 
 def test_ray_backend_without_address_fails_the_start(tmp_path):

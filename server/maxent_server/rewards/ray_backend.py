@@ -18,7 +18,10 @@ How a chunk runs:
   again. Time waiting in Ray's queue never counts: an item's clock starts at
   the start marker or at the previous item's result.
 * A Ray worker that dies on an item (``os._exit``, a segfault) makes that item
-  a ``"crash"``; the rest of the chunk is queued again.
+  a ``"crash"``; the rest of the chunk is queued again. Results stream back
+  after they are yielded and may die with the worker, so the item that seems
+  to have killed a chunk's worker first runs again alone, and only a worker
+  that dies on a single item marks it.
 * A node that goes away (or a task that dies before it starts) loses no
   work: the unfinished items of the chunk are sent again, up to
   :data:`MAX_RETRIES` times; then each is a ``"crash"`` saying so. Tasks are
@@ -304,11 +307,17 @@ class _Call:
         if lost:
             self._requeue(unfinished, flight.attempt, _worker.short_error(error))
             return
+        if len(flight.keys) > 1:
+            # Results stream back after they are yielded, so one may be lost with
+            # the worker: the first unfinished item is not surely the culprit. Run
+            # it again alone; only a worker that dies on a single item convicts it.
+            if len(unfinished) > 1:
+                self.pending.appendleft((unfinished[1:], flight.attempt))
+            self.pending.appendleft((unfinished[:1], flight.attempt))
+            return
         self.backend._count("items")
         self.backend._count("crashes")
         self._finish(unfinished[0], ItemResult("crash", None, "the Ray worker died (" + _reason(error) + ")"))
-        if len(unfinished) > 1:
-            self.pending.appendleft((unfinished[1:], flight.attempt))
 
     def _requeue(self, keys: list[int], attempt: int, why: str) -> None:
         """Send ``keys`` again, or mark them failed once they were retried enough."""
