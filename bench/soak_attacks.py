@@ -2,10 +2,17 @@
 attack: degenerate SEED-GRPO answer texts, oversized group lists and a
 restricted token listing runs in a loop, all beside normal trainer traffic.
 
-Starts its own server (SQLite, CPU, tokens on) and prints both p99s and
-their ratio; the hardening goal is a ratio of at most 2.
+Starts its own server (SQLite, CPU, tokens on, default settings) and prints
+both p99s and their ratio; the hardening goal is a ratio of at most 2.
 
-    python bench/soak_attacks.py --seconds 30 --runs 5000
+The trainer (two threads, an admin token) makes --rate steps per second per
+thread, each an UpdateController and a 64x16 ComputeRewardStatistics. The
+attackers hold tokens of their own: another tenant's read token sends the
+SEED texts and the group floods, a restricted reader lists runs; each
+attack loops as fast as the server answers it, from a separate process at
+a lower CPU priority (standing in for another host).
+
+    python bench/soak_attacks.py --seconds 60 --runs 5000 --rate 20
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from server_process import ServerProcess  # noqa: E402
 
 ADMIN = "bench-admin-token-0123456789"
 READER = "bench-reader-token-0123456789"
+TENANT = "bench-tenant-token-0123456789"
 CONFIG = WeightingConfig(tau=0.3, beta=0.05, target_entropy=2.0, tau_lr=0.01, tau_min=0.01, tau_max=10.0)
 UNCLOSED_BOXES = "\\boxed{" * 60_000
 
@@ -41,6 +49,7 @@ def _tokens_file(folder: Path) -> Path:
     path.write_text(json.dumps({"tokens": [
         {"name": "admin", "token": ADMIN, "role": "admin", "runs": ["*"]},
         {"name": "reader", "token": READER, "role": "read", "runs": ["team-z/*"]},
+        {"name": "tenant", "token": TENANT, "role": "read", "runs": ["team-b/*"]},
     ]}))
     path.chmod(0o600)
     return path
@@ -54,11 +63,16 @@ def _seed_runs(target: str, count: int) -> None:
         client.create_run("team-z/visible", CONFIG)
 
 
-def _trainer(target: str, stop: threading.Event, latencies: list[float], errors: list[str]) -> None:
+def _trainer(target: str, stop: threading.Event, latencies: list[float], errors: list[str], rate: float) -> None:
     rng = np.random.default_rng(0)
+    period = 1.0 / rate if rate > 0 else 0.0
     with MaxEntClient(target, token=ADMIN, timeout=30) as client:
         step = client.get_run("bench/trainer").state.version
+        tick = time.perf_counter()
         while not stop.is_set():
+            if period:
+                tick += period
+                stop.wait(max(0.0, tick - time.perf_counter()))
             step += 1
             start = time.perf_counter()
             try:
@@ -113,13 +127,13 @@ def _attacker(target: str, attacks: frozenset[str], per_attack: int, stop, count
     local_counts: dict = {}
     channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
     stub = pb_grpc.MaxEntServiceStub(channel)
-    admin = (("authorization", f"Bearer {ADMIN}"),)
+    tenant = (("authorization", f"Bearer {TENANT}"),)
     threads = []
     if "seed" in attacks:
-        threads += [threading.Thread(target=_attack_seed, args=(stub, admin, local_stop, local_counts))
+        threads += [threading.Thread(target=_attack_seed, args=(stub, tenant, local_stop, local_counts))
                     for _ in range(per_attack)]
     if "groups" in attacks:
-        threads += [threading.Thread(target=_attack_groups, args=(stub, admin, local_stop, local_counts))
+        threads += [threading.Thread(target=_attack_groups, args=(stub, tenant, local_stop, local_counts))
                     for _ in range(per_attack)]
     if "listing" in attacks:
         threads += [threading.Thread(target=_attack_listing, args=(stub, local_stop, local_counts))
@@ -134,12 +148,12 @@ def _attacker(target: str, attacks: frozenset[str], per_attack: int, stop, count
     counts.update(local_counts)
 
 
-def _measure(target: str, seconds: float, attacks: frozenset[str],
-             per_attack: int = 1) -> tuple[list[float], list[str], dict]:
+def _measure(target: str, seconds: float, attacks: frozenset[str], per_attack: int = 1,
+             rate: float = 0.0) -> tuple[list[float], list[str], dict]:
     stop = threading.Event()
     latencies: list[float] = []
     errors: list[str] = []
-    threads = [threading.Thread(target=_trainer, args=(target, stop, latencies, errors)) for _ in range(2)]
+    threads = [threading.Thread(target=_trainer, args=(target, stop, latencies, errors, rate)) for _ in range(2)]
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         attack_stop, counts = manager.Event(), manager.dict()
@@ -167,6 +181,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30, help="length of each phase (default 30)")
     parser.add_argument("--runs", type=int, default=5000, help="runs the restricted token cannot see (default 5000)")
     parser.add_argument("--threads", type=int, default=1, help="looping clients per attack (default 1)")
+    parser.add_argument("--rate", type=float, default=20.0,
+                        help="steps per second of each trainer thread (UpdateController plus a 64x16 "
+                             "ComputeRewardStatistics); 0 = as fast as the server answers (default 20)")
     parser.add_argument("--attacks", default="seed,groups,listing",
                         help="which attacks run together (default all: seed,groups,listing)")
     args = parser.parse_args()
@@ -177,9 +194,9 @@ def main() -> int:
         server.start()
         try:
             _seed_runs(server.target, args.runs)
-            idle, idle_errors, _ = _measure(server.target, args.seconds, frozenset())
+            idle, idle_errors, _ = _measure(server.target, args.seconds, frozenset(), rate=args.rate)
             attacked, attacked_errors, counts = _measure(server.target, args.seconds, frozenset(args.attacks.split(",")),
-                                                 args.threads)
+                                                 args.threads, args.rate)
             alive = server.proc is not None and server.proc.poll() is None
         finally:
             server.stop()

@@ -23,7 +23,7 @@ from maxent_api import SERVICE_NAME
 
 from .auth import Authorizer, TokenFileError, plaintext_tokens_readable_by_all
 from .engine import Engine
-from .edge import Admission, EdgeInterceptor
+from .edge import Admission, CallerRates, EdgeInterceptor
 from .metrics import Metrics, MetricsServer
 from .service import MaxEntServicer, add_to_server
 from .settings import ConfigError, ServerSettings
@@ -181,6 +181,7 @@ class MaxEntServer:
         interceptor = EdgeInterceptor(
             admission=Admission(s.max_concurrent_rpcs, s.max_inflight_mb), metrics=self.metrics,
             authorizer=self.authorizer, access_log=s.access_log, max_message_bytes=s.max_message_mb * 1024 * 1024,
+            rates=CallerRates(s.caller_rate_mb, s.caller_burst_mb) if s.caller_rate_mb > 0 else None,
         )
         self.server = grpc.aio.server(interceptors=[interceptor], options=transport_options(s))
         # Bind before the reward workers start: a busy port fails the start

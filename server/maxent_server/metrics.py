@@ -251,6 +251,18 @@ class Metrics:
             "UpdateController reports pooled while their step waits for more reporters (not applied yet).",
             registry=r,
         )
+        self.rate_limited = Counter(
+            "maxent_rate_limited_calls",
+            "Calls that waited for their caller's rate limit before their body was read, by method.",
+            ["method"],
+            registry=r,
+        )
+        self.rate_limit_wait = Counter(
+            "maxent_rate_limit_wait_seconds",
+            "Time calls spent waiting for their caller's rate limit, by method.",
+            ["method"],
+            registry=r,
+        )
         info = Gauge("maxent_build_info", "Version of this server; always 1.", ["version"], registry=r)
         info.labels(version=__version__).set(1)
         self.runs = RunGauges(max_runs)
@@ -264,6 +276,10 @@ class Metrics:
             self.in_flight.labels(MAXENT_SERVICE, method)
 
     # -- RPCs ----------------------------------------------------------------------
+
+    def rate_limit_waited(self, method: str, seconds: float) -> None:
+        self.rate_limited.labels(method).inc()
+        self.rate_limit_wait.labels(method).inc(seconds)
 
     def call_started(self, service: str, method: str) -> None:
         self.in_flight.labels(service, method).inc()

@@ -136,6 +136,12 @@ class ServerSettings:
                                         help="MaxEntService calls handled at once; more get RESOURCE_EXHAUSTED (never queued)")
     max_inflight_mb: int = _setting(1024, group="transport", minimum=1,
                                     help="MiB of estimated memory of the calls being handled; beyond it RESOURCE_EXHAUSTED")
+    caller_rate_mb: float = _setting(16.0, group="transport", minimum=0,
+                                     help="MiB of requests per second each token may send; a faster caller's calls "
+                                          "wait before their body is read, each counting 64 KiB plus its body "
+                                          "(0: no limit; a server without tokens limits no one)")
+    caller_burst_mb: float = _setting(128.0, group="transport", minimum=1,
+                                      help="MiB a token may send at once, above --caller-rate-mb, after a quiet while")
     max_streams_per_connection: int = _setting(100, group="transport", minimum=1,
                                                help="concurrent HTTP/2 streams (calls) one connection may open")
     connection_idle_seconds: float = _setting(300.0, group="transport", minimum=0,

@@ -2,7 +2,8 @@
 
 A MaxEntService call goes, in order, through: its record started (counted in
 flight); the bearer token checked on the metadata (UNAUTHENTICATED before
-the body is read); a call slot taken (RESOURCE_EXHAUSTED when the server is
+the body is read); the token's rate limit waited for (RESOURCE_EXHAUSTED
+when the wait would outlast the deadline, see :mod:`.rates`); a call slot taken (RESOURCE_EXHAUSTED when the server is
 at ``max_concurrent_rpcs``); the body read and its memory reserved against
 the server's budget (RESOURCE_EXHAUSTED when over); the body decoded
 (INVALID_ARGUMENT when it is not a valid message); the token's role and run
@@ -35,6 +36,7 @@ from .auth import authenticate, authorize
 from .call import Call
 from .codec import decode_request, encode_response
 from .metrics import call_answered, call_finished, call_started
+from .rates import CallerRates
 from .refusal import Refusal
 
 
@@ -46,9 +48,11 @@ def _split(full_method: str) -> tuple[str, str]:
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, *, admission: Admission, metrics: Metrics | None = None,
                  authorizer: Authorizer | None = None, access_log: bool = True,
-                 max_message_bytes: int | None = None) -> None:
-        """`max_message_bytes`: the server's message size limit, both ways."""
+                 max_message_bytes: int | None = None, rates: CallerRates | None = None) -> None:
+        """`max_message_bytes`: the server's message size limit, both ways;
+        `rates`: per-token rate limits (None: none; calls without a token have none)."""
         self.admission = admission
+        self.rates = rates
         self.metrics = metrics
         self.authorizer = authorizer
         self.access_log = access_log
@@ -81,9 +85,18 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         `_release`, whether this returns or raises."""
         if self.authorizer is not None:
             call.principal = authenticate(self.authorizer, context.invocation_metadata())
+        rates = self.rates
+        caller = call.principal.name if rates is not None and call.principal is not None else None
+        if rates is not None and caller is not None:
+            waited = await rates.take_turn(caller, context.time_remaining())
+            if waited and self.metrics is not None:
+                self.metrics.rate_limit_waited(call.method, waited)
         self.admission.enter()
         call.holds_slot = True
         raw = await context.read()
+        if rates is not None and caller is not None:
+            # A body grpc refused for its size was read all the same.
+            rates.charge(caller, (self.max_message_bytes or 0) if raw is grpc.aio.EOF else len(raw))
         if raw is grpc.aio.EOF:
             # What grpc hands over when it refused the message for its size
             # (the client already has RESOURCE_EXHAUSTED), or none came.
