@@ -88,15 +88,15 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         rates = self.rates
         caller = call.principal.name if rates is not None and call.principal is not None else None
         if rates is not None and caller is not None:
-            waited = await rates.take_turn(caller, context.time_remaining())
-            if waited and self.metrics is not None:
-                self.metrics.rate_limit_waited(call.method, waited)
+            turn = await rates.take_turn(caller, context.time_remaining())
+            if turn.waited and self.metrics is not None:
+                self.metrics.rate_limit_waited(call.method, turn.waited)
         self.admission.enter()
         call.holds_slot = True
         raw = await context.read()
         if rates is not None and caller is not None:
             # A body grpc refused for its size was read all the same.
-            rates.charge(caller, (self.max_message_bytes or 0) if raw is grpc.aio.EOF else len(raw))
+            rates.settle(caller, turn, (self.max_message_bytes or 0) if raw is grpc.aio.EOF else len(raw))
         if raw is grpc.aio.EOF:
             # What grpc hands over when it refused the message for its size
             # (the client already has RESOURCE_EXHAUSTED), or none came.

@@ -2,8 +2,10 @@
 
 Every token (a caller) has a bucket of request bytes that refills at ``rate``
 bytes per second up to ``burst``. A call may start while its caller's
-bucket is not in debt; it is charged :data:`CALL_BYTES` when it starts and
-its body's size once the body is read, so the bucket can go into debt. A
+bucket is not in debt; it is charged :data:`CALL_BYTES` plus the size of
+the caller's previous body when it starts (calls that wake together then see
+each other), and the difference to its own body's size once that is read,
+so the bucket can go into debt. A
 call whose caller is in debt waits -- before its body is read and before it
 takes a call slot -- until the debt is paid back. It is refused with
 RESOURCE_EXHAUSTED instead when the wait would outlast its deadline, or
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import grpc
 
@@ -40,12 +43,20 @@ _SLACK = 1.0
 
 
 class _Bucket:
-    __slots__ = ("level", "at", "waiting")
+    __slots__ = ("level", "at", "waiting", "expected")
 
     def __init__(self, level: float, at: float) -> None:
         self.level = level
         self.at = at
         self.waiting = 0
+        self.expected = 0  # body size of the caller's last call, charged ahead for the next
+
+
+class Turn(NamedTuple):
+    """A call's start: seconds it waited, bytes charged ahead of its body."""
+
+    waited: float
+    charged: float
 
 
 class CallerRates:
@@ -82,11 +93,13 @@ class CallerRates:
         level = self._bucket(caller).level
         return 0.0 if level > -_SLACK else -level / self.rate
 
-    async def take_turn(self, caller: str, time_left: float | None) -> float:
-        """Wait until `caller` may start a call, then charge it :data:`CALL_BYTES`.
-        Returns the seconds waited; raises a RESOURCE_EXHAUSTED Refusal when
-        the wait would outlast `time_left` (seconds, None: no deadline) or too
-        many of the caller's calls already wait."""
+    async def take_turn(self, caller: str, time_left: float | None) -> Turn:
+        """Wait until `caller` may start a call, then charge it :data:`CALL_BYTES`
+        plus the size of its previous body (so that calls waking together see
+        each other's cost); :meth:`settle` corrects that once the body is read.
+        Raises a RESOURCE_EXHAUSTED Refusal when the wait would outlast
+        `time_left` (seconds, None: no deadline) or too many of the caller's
+        calls already wait."""
         waited = 0.0
         bucket = self._bucket(caller)
         while bucket.level <= -_SLACK:
@@ -102,12 +115,15 @@ class CallerRates:
                 bucket.waiting -= 1
             waited += wait
             bucket = self._bucket(caller)
-        bucket.level -= CALL_BYTES
-        return waited
+        charged = float(CALL_BYTES + bucket.expected)
+        bucket.level -= charged
+        return Turn(waited, charged)
 
-    def charge(self, caller: str, request_bytes: int) -> None:
-        """Count a read request body against `caller`."""
-        self._bucket(caller).level -= request_bytes
+    def settle(self, caller: str, turn: Turn, request_bytes: int) -> None:
+        """Count the body read for a call started with `turn` against `caller`."""
+        bucket = self._bucket(caller)
+        bucket.level -= CALL_BYTES + request_bytes - turn.charged
+        bucket.expected = request_bytes
 
 
 def _over_rate(why: str) -> Refusal:
