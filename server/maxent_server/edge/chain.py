@@ -3,8 +3,9 @@
 A MaxEntService call goes, in order, through: its record started (counted in
 flight); the bearer token checked on the metadata (UNAUTHENTICATED before
 the body is read); the token's rate limit waited for (RESOURCE_EXHAUSTED
-when the wait would outlast the deadline, see :mod:`.rates`); a call slot taken (RESOURCE_EXHAUSTED when the server is
-at ``max_concurrent_rpcs``); the body read and its memory reserved against
+when the wait would outlast the deadline, see :mod:`.rates`); a call slot
+taken (RESOURCE_EXHAUSTED when the server is at ``max_concurrent_rpcs``);
+the body read and its memory reserved against
 the server's budget (RESOURCE_EXHAUSTED when over); the body decoded
 (INVALID_ARGUMENT when it is not a valid message); the token's role and run
 patterns checked against the request (PERMISSION_DENIED); the group count

@@ -1,13 +1,13 @@
 """Per-caller rate limits: each caller's share of the request bytes the server reads.
 
-Every token (a caller) has a bucket of request bytes that refills at ``rate``
-bytes per second up to ``burst``. A call may start while its caller's
-bucket is not in debt; it is charged :data:`CALL_BYTES` plus the size of
-the caller's previous body when it starts (calls that wake together then see
-each other), and the difference to its own body's size once that is read,
-so the bucket can go into debt. A
-call whose caller is in debt waits -- before its body is read and before it
-takes a call slot -- until the debt is paid back. It is refused with
+Every token (a caller) has a bucket of request bytes that refills at
+``rate`` bytes per second up to ``burst``. A call may start while its
+caller's bucket is not in debt; it is charged :data:`CALL_BYTES` plus the
+size of the caller's previous body when it starts (calls that wake together
+then see each other), and the difference to its own body's size once that
+is read, so the bucket can go into debt. A call whose caller is in debt
+waits -- before its body is read and before it takes a call slot -- until
+the debt is paid back. It is refused with
 RESOURCE_EXHAUSTED instead when the wait would outlast its deadline, or
 when :data:`MAX_WAITING` calls of the same caller already wait.
 
