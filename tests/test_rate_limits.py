@@ -45,7 +45,7 @@ def _start(rates: CallerRates, caller: str, size: int) -> None:
     """A call that may start now: its turn taken (no wait) and its body counted."""
     turn = asyncio.run(rates.take_turn(caller, 0.0))
     assert turn.waited == 0.0
-    rates.settle(caller, turn, size)
+    rates.settle(turn, size)
 
 
 @settings(max_examples=100, deadline=None)
@@ -112,7 +112,7 @@ def test_calls_that_wake_together_do_not_all_start():
     async def scenario() -> float:
         rates = CallerRates(rate, 1)
         turn = await rates.take_turn("a", None)
-        rates.settle("a", turn, size)  # 1 MiB of debt, and the caller's bodies are 2 MiB
+        rates.settle(turn, size)  # 1 MiB of debt, and the caller's bodies are 2 MiB
         started = time.monotonic()
 
         async def one() -> float:
@@ -129,7 +129,7 @@ def test_calls_that_wake_together_do_not_all_start():
 def test_too_many_waiting_calls_of_one_caller_are_refused():
     async def scenario() -> list[str]:
         rates = CallerRates(1, 1)
-        rates.settle("a", await rates.take_turn("a", None), 3 * MIB)
+        rates.settle(await rates.take_turn("a", None), 3 * MIB)
         tasks = [asyncio.ensure_future(rates.take_turn("a", None)) for _ in range(MAX_WAITING + 3)]
         await asyncio.sleep(0.05)
         outcomes = ["waiting" if not t.done() else "refused" if isinstance(t.exception(), Refusal) else "ran"

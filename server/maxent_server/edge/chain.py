@@ -86,18 +86,17 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         `_release`, whether this returns or raises."""
         if self.authorizer is not None:
             call.principal = authenticate(self.authorizer, context.invocation_metadata())
-        rates = self.rates
-        caller = call.principal.name if rates is not None and call.principal is not None else None
-        if rates is not None and caller is not None:
-            turn = await rates.take_turn(caller, context.time_remaining())
+        turn = None
+        if self.rates is not None and call.principal is not None:
+            turn = await self.rates.take_turn(call.principal.name, context.time_remaining())
             if turn.waited and self.metrics is not None:
                 self.metrics.rate_limit_waited(call.method, turn.waited)
         self.admission.enter()
         call.holds_slot = True
         raw = await context.read()
-        if rates is not None and caller is not None:
+        if self.rates is not None and turn is not None:
             # A body grpc refused for its size was read all the same.
-            rates.settle(caller, turn, (self.max_message_bytes or 0) if raw is grpc.aio.EOF else len(raw))
+            self.rates.settle(turn, (self.max_message_bytes or 0) if raw is grpc.aio.EOF else len(raw))
         if raw is grpc.aio.EOF:
             # What grpc hands over when it refused the message for its size
             # (the client already has RESOURCE_EXHAUSTED), or none came.

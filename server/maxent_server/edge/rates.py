@@ -53,8 +53,9 @@ class _Bucket:
 
 
 class Turn(NamedTuple):
-    """A call's start: seconds it waited, bytes charged ahead of its body."""
+    """A call's start: its caller, seconds it waited, bytes charged ahead of its body."""
 
+    caller: str
     waited: float
     charged: float
 
@@ -117,11 +118,11 @@ class CallerRates:
             bucket = self._bucket(caller)
         charged = float(CALL_BYTES + bucket.expected)
         bucket.level -= charged
-        return Turn(waited, charged)
+        return Turn(caller, waited, charged)
 
-    def settle(self, caller: str, turn: Turn, request_bytes: int) -> None:
-        """Count the body read for a call started with `turn` against `caller`."""
-        bucket = self._bucket(caller)
+    def settle(self, turn: Turn, request_bytes: int) -> None:
+        """Count the body read for a call started with `turn` against its caller."""
+        bucket = self._bucket(turn.caller)
         bucket.level -= CALL_BYTES + request_bytes - turn.charged
         bucket.expected = request_bytes
 
