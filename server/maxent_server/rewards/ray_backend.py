@@ -20,8 +20,9 @@ How a chunk runs:
 * A Ray worker that dies on an item (``os._exit``, a segfault) makes that item
   a ``"crash"``; the rest of the chunk is queued again. Results stream back
   after they are yielded and may die with the worker, so the item that seems
-  to have killed a chunk's worker first runs again alone, and only a worker
-  that dies on a single item marks it.
+  to have killed a chunk's worker first runs again alone, and it is marked
+  only when workers die running it alone twice (Ray can lose a worker of its
+  own accord right after another crashed).
 * A node that goes away (or a task that dies before it starts) loses no
   work: the unfinished items of the chunk are sent again, up to
   :data:`MAX_RETRIES` times; then each is a ``"crash"`` saying so. Tasks are
@@ -58,6 +59,8 @@ MAX_CHUNK = 32
 #: Times the unfinished items of a chunk are sent again after its node (or
 #: its worker before starting) went away, before they are marked failed.
 MAX_RETRIES = 3
+#: Workers an item must take down while running alone before it is a ``"crash"``.
+SOLO_DEATHS_TO_CONVICT = 2
 #: How often a waiting call looks at its ``cancelled`` event, seconds.
 POLL_S = 0.05
 #: Seconds the cluster's CPU count is reused before it is asked again.
@@ -209,6 +212,7 @@ class _Call:
             (list(range(start, min(start + chunk, len(items)))), 0) for start in range(0, len(items), chunk)
         )
         self.flights: dict[Any, _Flight] = {}
+        self.solo_deaths: dict[int, int] = {}  # item -> workers that died running it alone
         self._queue_delta(len(items))
 
     def run(self) -> list[ItemResult]:
@@ -307,13 +311,20 @@ class _Call:
         if lost:
             self._requeue(unfinished, flight.attempt, _worker.short_error(error))
             return
+        suspect = unfinished[0]
         if len(flight.keys) > 1:
             # Results stream back after they are yielded, so one may be lost with
             # the worker: the first unfinished item is not surely the culprit. Run
-            # it again alone; only a worker that dies on a single item convicts it.
+            # it again alone; only workers dying on it alone convict it (below).
             if len(unfinished) > 1:
                 self.pending.appendleft((unfinished[1:], flight.attempt))
-            self.pending.appendleft((unfinished[:1], flight.attempt))
+            self.pending.appendleft(([suspect], flight.attempt))
+            return
+        # Ray can also lose a worker for its own reasons just after another one
+        # crashed: an item is a crash only after it took its worker down alone twice.
+        self.solo_deaths[suspect] = self.solo_deaths.get(suspect, 0) + 1
+        if self.solo_deaths[suspect] < SOLO_DEATHS_TO_CONVICT:
+            self.pending.appendleft(([suspect], flight.attempt))
             return
         self.backend._count("items")
         self.backend._count("crashes")
